@@ -1,0 +1,1 @@
+"""graphs: execution transforms that must not change results (compile, recompute, precision, benchmarks)."""

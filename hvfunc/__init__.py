@@ -1,0 +1,5 @@
+"""hvfunc: HunyuanVideo as pure functions over flat parameter dicts (no torch.distributed here)."""
+
+from hvfunc.config import DIT_PRESETS, DiTConfig, dit_preset
+
+__all__ = ["DIT_PRESETS", "DiTConfig", "dit_preset"]

@@ -1,0 +1,104 @@
+"""Model configs: frozen keyword-only dataclasses and named presets.
+
+Field names follow the official HunyuanVideo code (`hyvideo/modules/models.py`,
+`HUNYUAN_VIDEO_CONFIG`, the `--rope-theta` / `--text-states-dim` CLI defaults) so a
+reader can put the two side by side. Presets are plain Python objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiTConfig:
+    """Architecture of the HunyuanVideo diffusion transformer (HYVideo-T/2 family)."""
+
+    hidden_size: int = 3072
+    """Model width D; equals heads_num * head_dim."""
+    heads_num: int = 24
+    """Attention heads N (head_dim K = hidden_size / heads_num)."""
+    mlp_width_ratio: float = 4.0
+    """MLP hidden width as a multiple of hidden_size (blocks and token refiner)."""
+    mm_double_blocks_depth: int = 20
+    """Number of double-stream (separate img/txt weights, joint attention) blocks."""
+    mm_single_blocks_depth: int = 40
+    """Number of single-stream (fused linear1/linear2) blocks."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """Patch (t, h, w) of the Conv3d patch embedding."""
+    in_channels: int = 16
+    """Latent channels in (16 = the causal VAE's latent channels)."""
+    out_channels: int = 16
+    """Latent channels out."""
+    rope_dim_list: tuple[int, int, int] = (16, 56, 56)
+    """RoPE dims per axis (t, h, w); must sum to head_dim."""
+    rope_theta: float = 256.0
+    """RoPE base (the official `--rope-theta` default; not 10000)."""
+    text_states_dim: int = 4096
+    """Width of the LLM text states (LLaVA-Llama-3-8B hidden size)."""
+    text_states_dim_2: int = 768
+    """Width of the pooled CLIP-L text embedding that feeds `vector_in`."""
+    guidance_embed: bool = True
+    """Embedded (distilled) guidance input `guidance_in`, as in HYVideo-T/2-cfgdistill."""
+    qkv_bias: bool = True
+    """Bias on every q/k/v projection."""
+    qk_norm: bool = True
+    """Per-head RMSNorm on q and k in the double/single blocks (never in the refiner)."""
+    text_refiner_depth: int = 2
+    """Blocks in the token refiner `txt_in` (hard-coded 2 upstream)."""
+    text_refiner_mlp_ratio: float = 4.0
+    """MLP width ratio of the token refiner (its own constant upstream, not mlp_width_ratio)."""
+    timestep_freq_dim: int = 256
+    """Width of the sinusoidal timestep/guidance features."""
+    i2v_condition_type: Literal["token_replace"] | None = None
+    """Image-to-video conditioning: None (T2V) or "token_replace" (HunyuanVideo-I2V):
+    latent frame 0 is the clean image latent and its tokens are modulated by
+    time_in(0) + vector_in(clip) in every block."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.heads_num:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads_num {self.heads_num}")
+        if sum(self.rope_dim_list) != self.head_dim:
+            raise ValueError(f"rope_dim_list {self.rope_dim_list} sums to {sum(self.rope_dim_list)}, "
+                             f"not head_dim {self.head_dim}")
+        if any(d % 2 for d in self.rope_dim_list):
+            raise ValueError(f"rope_dim_list {self.rope_dim_list} must hold even dims (rotation acts on pairs)")
+        if self.i2v_condition_type not in (None, "token_replace"):
+            raise ValueError(f"i2v_condition_type must be None or 'token_replace', got {self.i2v_condition_type!r}")
+        if self.i2v_condition_type == "token_replace" and self.patch_size[0] != 1:
+            raise ValueError(f"token_replace needs a temporal patch of 1, got patch_size {self.patch_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.heads_num
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_width_ratio)
+
+    def replace(self, **changes) -> DiTConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_T2V = DiTConfig()
+
+DIT_PRESETS: dict[str, DiTConfig] = {
+    # HYVideo-T/2-cfgdistill: the official T2V checkpoint (hunyuan-video-t2v-720p).
+    "hunyuan-video-t2v": _T2V,
+    # HunyuanVideo-I2V: HYVideo-T/2 with guidance_embed forced on by its scripts.
+    "hunyuan-video-i2v": _T2V.replace(i2v_condition_type="token_replace"),
+    # Seconds on a CPU: every code path of the full model at toy width.
+    "tiny": DiTConfig(hidden_size=64, heads_num=4, mlp_width_ratio=4.0, mm_double_blocks_depth=2,
+                      mm_single_blocks_depth=2, rope_dim_list=(4, 6, 6), text_states_dim=32,
+                      text_states_dim_2=16),
+}
+DIT_PRESETS["tiny-i2v"] = DIT_PRESETS["tiny"].replace(i2v_condition_type="token_replace")
+
+
+def dit_preset(name: str) -> DiTConfig:
+    """Look up a preset by name with an error that lists the valid ones."""
+    if name not in DIT_PRESETS:
+        raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(DIT_PRESETS)}")
+    return DIT_PRESETS[name]

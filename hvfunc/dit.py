@@ -1,0 +1,249 @@
+"""The HunyuanVideo DiT as pure functions over a flat param dict (hvfunc layout).
+
+Shapes: B batch, C latent channels, T/H/W latent frames/height/width, L video tokens,
+S text tokens, D width, N heads, K head dim, M MLP hidden.
+
+Pipeline: embed (patches, timestep/guidance/CLIP vector, token refiner, RoPE tables)
+-> double-stream blocks (own img/txt weights, joint attention [img | txt])
+-> single-stream blocks (one stream over [img | txt]) -> final layer -> unpatchify.
+Text tokens never get RoPE. `attn` is injected (hvfunc.attention); block functions
+are injectable too so graphs/ and parallel/ can wrap them (compile, gather, remat).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hvfunc import ops
+from hvfunc.attention import AttnFn, sdpa
+from hvfunc.config import DiTConfig
+from hvfunc.ops import gate, layer_norm, linear, modulate, split_first
+from hvfunc.params import Params, sub
+
+EPS = 1e-6  # every LayerNorm / RMSNorm of the DiT
+
+
+def _heads(qkv_BL3D: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """[B, L, 3*N*K] in "(3 N K)" order -> q, k, v [B, L, N, K]."""
+    B, L, _ = qkv_BL3D.shape
+    return qkv_BL3D.view(B, L, 3, n, -1).unbind(2)
+
+
+def _qk_norm(p: Params, q: Tensor, k: Tensor, qn: str, kn: str) -> tuple[Tensor, Tensor]:
+    if f"{qn}.weight" not in p:
+        return q, k
+    return ops.rms_norm(q, p[f"{qn}.weight"], EPS), ops.rms_norm(k, p[f"{kn}.weight"], EPS)
+
+
+def refiner_block(p: Params, x_BSD: Tensor, c_BD: Tensor, kv_len: Tensor | None, *, cfg: DiTConfig,
+                  attn: AttnFn) -> Tensor:
+    """Token refiner block: affine LayerNorms, gates only (no shift/scale), SiLU MLP, no qk norm."""
+    g_msa, g_mlp = linear(F.silu(c_BD), p, "adaLN_modulation.1").chunk(2, dim=-1)
+    h = layer_norm(x_BSD, EPS, p["norm1.weight"], p["norm1.bias"])
+    q, k, v = _heads(linear(h, p, "self_attn_qkv"), cfg.heads_num)
+    x_BSD = gate(x_BSD, linear(attn(q, k, v, kv_len).flatten(2), p, "self_attn_proj"), g_msa)
+    h = layer_norm(x_BSD, EPS, p["norm2.weight"], p["norm2.bias"])
+    return gate(x_BSD, linear(F.silu(linear(h, p, "mlp.fc1")), p, "mlp.fc2"), g_mlp)
+
+
+def double_block(p: Params, img: Tensor, txt: Tensor, vec: Tensor, *, rope: tuple[Tensor, Tensor],
+                 kv_len: Tensor | None, cfg: DiTConfig, attn: AttnFn, vec_first: Tensor | None = None,
+                 first: int = 0) -> tuple[Tensor, Tensor]:
+    """img [B, L, D], txt [B, S, D], vec [B, D] -> img, txt. Joint attention over [img | txt].
+
+    Modulation chunks: shift1, scale1, gate1, shift2, scale2, gate2. The leading `first`
+    img tokens use `vec_first`'s modulation (I2V token_replace).
+    """
+    mi = linear(F.silu(vec), p, "img_mod.linear").chunk(6, dim=-1)
+    mt = linear(F.silu(vec), p, "txt_mod.linear").chunk(6, dim=-1)
+    mf = None if vec_first is None else linear(F.silu(vec_first), p, "img_mod.linear").chunk(6, dim=-1)
+    f = (lambda a, b: None) if mf is None else (lambda a, b: mf[a:b])
+
+    h = split_first(modulate, first, (layer_norm(img, EPS),), mi[0:2], f(0, 2))
+    qi, ki, vi = _heads(linear(h, p, "img_attn_qkv"), cfg.heads_num)
+    qi, ki = _qk_norm(p, qi, ki, "img_attn_q_norm", "img_attn_k_norm")
+    qi, ki = ops.apply_rope(qi, *rope), ops.apply_rope(ki, *rope)
+    qt, kt, vt = _heads(linear(modulate(layer_norm(txt, EPS), mt[0], mt[1]), p, "txt_attn_qkv"), cfg.heads_num)
+    qt, kt = _qk_norm(p, qt, kt, "txt_attn_q_norm", "txt_attn_k_norm")
+
+    o = attn(torch.cat([qi, qt], 1), torch.cat([ki, kt], 1), torch.cat([vi, vt], 1), kv_len).flatten(2)
+    L = img.shape[1]
+    img = split_first(gate, first, (img, linear(o[:, :L], p, "img_attn_proj")), mi[2:3], f(2, 3))
+    txt = gate(txt, linear(o[:, L:], p, "txt_attn_proj"), mt[2])
+
+    h = split_first(modulate, first, (layer_norm(img, EPS),), mi[3:5], f(3, 5))
+    img = split_first(gate, first, (img, _mlp(p, "img_mlp", h)), mi[5:6], f(5, 6))
+    txt = gate(txt, _mlp(p, "txt_mlp", modulate(layer_norm(txt, EPS), mt[3], mt[4])), mt[5])
+    return img, txt
+
+
+def _mlp(p: Params, name: str, h: Tensor) -> Tensor:
+    return linear(F.gelu(linear(h, p, f"{name}.fc1"), approximate="tanh"), p, f"{name}.fc2")
+
+
+def single_block(p: Params, x: Tensor, vec: Tensor, *, n_txt: int, rope: tuple[Tensor, Tensor],
+                 kv_len: Tensor | None, cfg: DiTConfig, attn: AttnFn, vec_first: Tensor | None = None,
+                 first: int = 0) -> Tensor:
+    """x = [img | txt] [B, L + S, D] -> same. Parallel attention and MLP off one modulated input."""
+    m = linear(F.silu(vec), p, "modulation.linear").chunk(3, dim=-1)
+    mf = None if vec_first is None else linear(F.silu(vec_first), p, "modulation.linear").chunk(3, dim=-1)
+    h = split_first(modulate, first, (layer_norm(x, EPS),), m[0:2], None if mf is None else mf[0:2])
+    q, k, v = _heads(linear(h, p, "linear1_qkv"), cfg.heads_num)
+    q, k = _qk_norm(p, q, k, "q_norm", "k_norm")
+    L = x.shape[1] - n_txt
+    q = torch.cat([ops.apply_rope(q[:, :L], *rope), q[:, L:]], 1)
+    k = torch.cat([ops.apply_rope(k[:, :L], *rope), k[:, L:]], 1)
+    o = attn(q, k, v, kv_len).flatten(2)
+    mlp = F.gelu(linear(h, p, "linear1_mlp"), approximate="tanh")
+    y = F.linear(o, p["linear2_attn.weight"]) + F.linear(mlp, p["linear2_mlp.weight"], p["linear2.bias"])
+    return split_first(gate, first, (x, y), m[2:3], None if mf is None else mf[2:3])
+
+
+@dataclass
+class Embedded:
+    """What the blocks consume; built by `embed`, sliced by parallel/ for context parallelism."""
+
+    img: Tensor  # [B, L, D]
+    txt: Tensor  # [B, S, D] (refined; S trimmed to the longest valid text)
+    vec: Tensor  # [B, D]
+    vec_first: Tensor | None  # [B, D] for token_replace, else None
+    rope: tuple[Tensor, Tensor]  # cos, sin [L, K/2] fp32
+    txt_len: Tensor | None  # [B] valid text tokens; None when all S are valid
+    grid: tuple[int, int, int]  # token grid (T', H', W')
+    first: int  # tokens of latent frame 0 that use vec_first (0 for T2V)
+
+
+def text_lengths(text_mask: Tensor) -> Tensor:
+    """Valid tokens per sample [B] of a right-padded mask (ones then zeros, as tokenizers give).
+
+    Upstream reads lengths as row sums; a mask with holes or an empty row would silently
+    mean something else (or NaN), so both are rejected.
+    """
+    lens = text_mask.sum(dim=1, dtype=torch.int64)
+    if not torch.compiler.is_compiling():
+        prefix = torch.arange(text_mask.shape[1], device=text_mask.device)[None] < lens[:, None]
+        if not torch.equal(prefix, text_mask.bool()):
+            raise ValueError("text_mask must be right-padded (ones then zeros) in every row")
+        if bool((lens == 0).any()):
+            raise ValueError(f"text_mask has a row with no valid token (lengths {lens.tolist()})")
+    return lens
+
+
+def patchify(x: Tensor, patch: tuple[int, int, int]) -> Tensor:
+    """[B, C, T, H, W] -> [B, L, C*pt*ph*pw] in t-h-w token order, features (c, pt, ph, pw) like Conv3d."""
+    B, C, T, H, W = x.shape
+    pt, ph, pw = patch
+    x = x.reshape(B, C, T // pt, pt, H // ph, ph, W // pw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(B, (T // pt) * (H // ph) * (W // pw), C * pt * ph * pw)
+
+
+def unpatchify(x_BLF: Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> Tensor:
+    """[B, L, C*pt*ph*pw] (c-major features) -> [B, C, T, H, W]."""
+    (t, h, w), (pt, ph, pw) = grid, patch
+    B = x_BLF.shape[0]
+    x = x_BLF.reshape(B, t, h, w, -1, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return x.reshape(B, -1, t * pt, h * ph, w * pw)
+
+
+def _check_inputs(x: Tensor, t: Tensor, text_states: Tensor, text_mask: Tensor, text_states_2: Tensor,
+                  cfg: DiTConfig) -> None:
+    if x.dim() != 5 or x.shape[1] != cfg.in_channels:
+        raise ValueError(f"x must be [B, {cfg.in_channels}, T, H, W], got {tuple(x.shape)}")
+    B, _, T, H, W = x.shape
+    if any(n % p for n, p in zip((T, H, W), cfg.patch_size)):
+        raise ValueError(f"latent size (T, H, W) = {(T, H, W)} is not divisible by patch_size {cfg.patch_size}")
+    expect = {"t": (t, (B,)), "text_states": (text_states, (B, text_states.shape[1], cfg.text_states_dim)),
+              "text_mask": (text_mask, (B, text_states.shape[1])), "text_states_2": (text_states_2,
+                                                                                     (B, cfg.text_states_dim_2))}
+    for name, (v, shape) in expect.items():
+        if tuple(v.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(v.shape)}")
+
+
+def embed(params: Params, x: Tensor, t: Tensor, text_states: Tensor, text_mask: Tensor, text_states_2: Tensor,
+          *, cfg: DiTConfig, guidance: Tensor | None = None, attn: AttnFn = sdpa,
+          trim_text: bool = True) -> Embedded:
+    """Everything before the blocks. Compute dtype = the params' dtype."""
+    _check_inputs(x, t, text_states, text_mask, text_states_2, cfg)
+    dtype = params["img_in.proj.weight"].dtype
+    lens = text_lengths(text_mask)
+    if trim_text:  # padding never reaches a valid output: drop the padding common to all rows
+        S = int(lens.max())
+        text_states, text_mask = text_states[:, :S], text_mask[:, :S]
+    txt_len = None if bool((lens == text_mask.shape[1]).all()) else lens
+
+    def temb(v: Tensor, name: str) -> Tensor:
+        feats = ops.timestep_embedding(v, cfg.timestep_freq_dim).to(dtype)
+        return ops.mlp_embed(feats, params, f"{name}.mlp.0", f"{name}.mlp.2")
+
+    pooled = ops.mlp_embed(text_states_2.to(dtype), params, "vector_in.in_layer", "vector_in.out_layer")
+    vec = temb(t, "time_in") + pooled
+    if cfg.guidance_embed:
+        if guidance is None:
+            raise ValueError("this model has a guidance embedding: pass guidance = scale * 1000, shape [B]")
+        vec = vec + temb(guidance, "guidance_in")
+    elif guidance is not None:
+        raise ValueError("guidance was given but this model has no guidance embedding (guidance_embed=False)")
+    vec_first = None
+    if cfg.i2v_condition_type == "token_replace":  # frame 0 is clean: t = 0, and no guidance
+        vec_first = temb(torch.zeros_like(t), "time_in") + pooled
+
+    txt = token_refiner(params, text_states.to(dtype), t, text_mask, txt_len, cfg=cfg, attn=attn, temb=temb)
+    B, C, T, H, W = x.shape
+    grid = (T // cfg.patch_size[0], H // cfg.patch_size[1], W // cfg.patch_size[2])
+    # Conv3d with kernel == stride is a linear map of each patch: one GEMM, same sum
+    img = F.linear(patchify(x.to(dtype), cfg.patch_size), params["img_in.proj.weight"].flatten(1),
+                   params["img_in.proj.bias"])
+    rope = ops.rope_freqs(grid, cfg.rope_dim_list, cfg.rope_theta, device=x.device)
+    first = grid[1] * grid[2] if vec_first is not None else 0
+    return Embedded(img, txt, vec, vec_first, rope, txt_len, grid, first)
+
+
+def token_refiner(params: Params, text_states: Tensor, t: Tensor, text_mask: Tensor, txt_len: Tensor | None, *,
+                  cfg: DiTConfig, attn: AttnFn, temb: Callable[[Tensor, str], Tensor]) -> Tensor:
+    """txt_in: condition c = t_embedder(t) + c_embedder(masked mean of the raw states)."""
+    m = text_mask.float().unsqueeze(-1)
+    mean = ((text_states.float() * m).sum(1) / m.sum(1)).to(text_states.dtype)
+    c = temb(t, "txt_in.t_embedder") + ops.mlp_embed(mean, params, "txt_in.c_embedder.linear_1",
+                                                     "txt_in.c_embedder.linear_2")
+    x = linear(text_states, params, "txt_in.input_embedder")
+    for i in range(cfg.text_refiner_depth):
+        p = sub(params, f"txt_in.individual_token_refiner.blocks.{i}.")
+        x = refiner_block(p, x, c, txt_len, cfg=cfg, attn=attn)
+    return x
+
+
+def final_layer(params: Params, img: Tensor, vec: Tensor) -> Tensor:
+    """LayerNorm -> modulate with (shift, scale) -> linear to C*pt*ph*pw features per token."""
+    shift, scale = linear(F.silu(vec), params, "final_layer.adaLN_modulation.1").chunk(2, dim=-1)
+    return linear(modulate(layer_norm(img, EPS), shift, scale), params, "final_layer.linear")
+
+
+def forward(params: Params, x: Tensor, t: Tensor, text_states: Tensor, text_mask: Tensor, text_states_2: Tensor,
+            *, cfg: DiTConfig, guidance: Tensor | None = None, attn: AttnFn = sdpa, trim_text: bool = True,
+            double_fn: Callable[..., tuple[Tensor, Tensor]] = double_block,
+            single_fn: Callable[..., Tensor] = single_block) -> Tensor:
+    """Predict the flow velocity (noise - data) for latents x [B, C, T, H, W]; output has x's shape and dtype.
+
+    t: [B] sigma * 1000. text_states [B, S, text_states_dim], text_mask [B, S] (right-padded),
+    text_states_2 [B, text_states_dim_2] (CLIP pooled). guidance: [B] scale * 1000 when the
+    model has a guidance embedding. Compute runs in the params' dtype.
+    """
+    e = embed(params, x, t, text_states, text_mask, text_states_2, cfg=cfg, guidance=guidance, attn=attn,
+              trim_text=trim_text)
+    img, txt = e.img, e.txt
+    L = img.shape[1]
+    kv_len = None if e.txt_len is None else e.txt_len + L
+    kw = dict(rope=e.rope, kv_len=kv_len, cfg=cfg, attn=attn, vec_first=e.vec_first, first=e.first)
+    for i in range(cfg.mm_double_blocks_depth):
+        img, txt = double_fn(sub(params, f"double_blocks.{i}."), img, txt, e.vec, **kw)
+    h = torch.cat([img, txt], dim=1)
+    for i in range(cfg.mm_single_blocks_depth):
+        h = single_fn(sub(params, f"single_blocks.{i}."), h, e.vec, n_txt=txt.shape[1], **kw)
+    out = final_layer(params, h[:, :L], e.vec)
+    return unpatchify(out, e.grid, cfg.patch_size).to(x.dtype)

@@ -1,0 +1,100 @@
+"""Numerical primitives of the DiT: norms, modulation, timestep features, 3D RoPE.
+
+Shapes: B batch, L tokens, N heads, K head dim, D width.
+Precision: RMSNorm and RoPE compute in fp32 and cast back (as upstream does); the
+timestep sinusoid is fp32 and cast to the weight dtype by the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def linear(x: Tensor, p: dict[str, Tensor], name: str) -> Tensor:
+    """`x @ W.T + b` for leaves `name.weight` / `name.bias`; a [3, N*K, D] weight gives [..., 3*N*K]."""
+    w, b = p[f"{name}.weight"], p.get(f"{name}.bias")
+    if w.dim() == 3:  # fused q|k|v stored [3, N*K, D]: one GEMM, rows in the official "(K H D)" order
+        w, b = w.flatten(0, 1), None if b is None else b.flatten()
+    return F.linear(x, w, b)
+
+
+def layer_norm(x: Tensor, eps: float = 1e-6, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """Upstream RMSNorm: normalise in fp32, cast back to x's dtype, then scale."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y.type_as(x) * weight
+
+
+def modulate(x_BLD: Tensor, shift_BD: Tensor, scale_BD: Tensor) -> Tensor:
+    return x_BLD * (1 + scale_BD.unsqueeze(1)) + shift_BD.unsqueeze(1)
+
+
+def gate(x_BLD: Tensor, y_BLD: Tensor, gate_BD: Tensor) -> Tensor:
+    """Gated residual `x + gate * y` (no tanh, as upstream)."""
+    return x_BLD + y_BLD * gate_BD.unsqueeze(1)
+
+
+def split_first(fn: Callable[..., Tensor], first: int, tokens: tuple[Tensor, ...],
+                mod: tuple[Tensor, ...], mod_first: tuple[Tensor, ...] | None) -> Tensor:
+    """fn(*tokens, *mod), except that the leading `first` tokens use `mod_first`.
+
+    I2V token_replace: latent frame 0's tokens (the clean image) get the modulation of
+    t=0. `first` counts those tokens in this rank's slice (0 when it holds none).
+    """
+    if mod_first is None or first == 0:
+        return fn(*tokens, *mod)
+    head = fn(*(t[:, :first] for t in tokens), *mod_first)
+    tail = fn(*(t[:, first:] for t in tokens), *mod)
+    return torch.cat([head, tail], dim=1)
+
+
+def timestep_embedding(t_B: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoid [B, dim] in fp32, laid out [cos, sin] (upstream's TimestepEmbedder)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t_B.device) / half)
+    args = t_B.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def mlp_embed(x: Tensor, p: dict[str, Tensor], first: str, second: str) -> Tensor:
+    """Linear -> SiLU -> Linear (TimestepEmbedder, MLPEmbedder, TextProjection)."""
+    return linear(F.silu(linear(x, p, first)), p, second)
+
+
+def rope_freqs(sizes: tuple[int, int, int], dims: tuple[int, int, int], theta: float,
+               device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """3D RoPE tables cos, sin [L, K/2] (fp32) for a (t, h, w) token grid in t-h-w order.
+
+    Axis i uses dims[i] channels: freqs 1/theta^(arange(0, d, 2)/d) times the grid
+    position; the axes are concatenated (t first), one angle per channel pair.
+    """
+    grids = torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=device) for n in sizes), indexing="ij")
+    angles = []
+    for pos, d in zip(grids, dims):
+        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device)[: d // 2] / d)
+        angles.append(pos.reshape(-1, 1) * freqs[None])
+    ang = torch.cat(angles, dim=1)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x_BLNK: Tensor, cos_LH: Tensor, sin_LH: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs (x0, x1) -> (x0 c - x1 s, x0 s + x1 c) in fp32.
+
+    The interleaved (complex) convention, not NeoX's half split. H = K / 2.
+    """
+    B, L, N, K = x_BLNK.shape
+    x = x_BLNK.float().reshape(B, L, N, K // 2, 2)
+    x0, x1 = x[..., 0], x[..., 1]
+    c, s = cos_LH[:, None], sin_LH[:, None]  # [L, 1, H] broadcasts over B and N
+    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)
+    return out.reshape(B, L, N, K).type_as(x_BLNK)

@@ -1,0 +1,1 @@
+"""parallel: the only package that imports torch.distributed (mesh, plans, collectives, DCP)."""
