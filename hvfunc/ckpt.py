@@ -171,6 +171,22 @@ def diffusers_to_official(sd: dict[str, Tensor], cfg: DiTConfig) -> dict[str, Te
     return out
 
 
+def diffusers_config(cfg: DiTConfig) -> dict:
+    """`config.json` of diffusers' HunyuanVideoTransformer3DModel for this architecture."""
+    pt, ph, pw = cfg.patch_size
+    if ph != pw or cfg.text_refiner_mlp_ratio != 4.0:
+        raise ValueError(f"diffusers cannot express patch_size {cfg.patch_size} / refiner MLP ratio "
+                         f"{cfg.text_refiner_mlp_ratio} (one spatial patch size, refiner ratio fixed at 4)")
+    return dict(_class_name="HunyuanVideoTransformer3DModel", in_channels=cfg.in_channels,
+                out_channels=cfg.out_channels, num_attention_heads=cfg.heads_num, attention_head_dim=cfg.head_dim,
+                num_layers=cfg.mm_double_blocks_depth, num_single_layers=cfg.mm_single_blocks_depth,
+                num_refiner_layers=cfg.text_refiner_depth, mlp_ratio=cfg.mlp_width_ratio, patch_size=ph,
+                patch_size_t=pt, qk_norm="rms_norm", guidance_embeds=cfg.guidance_embed,
+                text_embed_dim=cfg.text_states_dim, pooled_projection_dim=cfg.text_states_dim_2,
+                rope_theta=cfg.rope_theta, rope_axes_dim=list(cfg.rope_dim_list),
+                image_condition_type=cfg.i2v_condition_type)
+
+
 def dit_from_diffusers(sd: dict[str, Tensor], cfg: DiTConfig) -> Params:
     return dit_from_official(diffusers_to_official(sd, cfg), cfg)
 

@@ -72,6 +72,24 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def save_pickle(obj: object, path: str | Path) -> None:
+    """torch.save atomically. Views are cloned first: torch.save would write their whole base storage."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def own(v: object) -> object:
+        if isinstance(v, Tensor) and v.untyped_storage().nbytes() != v.numel() * v.element_size():
+            return v.clone()
+        return {k: own(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(own(obj), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_safetensors(tensors: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Stream tensors into a safetensors file atomically (temp file + rename)."""
     path = Path(path)

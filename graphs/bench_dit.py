@@ -1,0 +1,132 @@
+"""DiT benchmark: our forward / forward+backward vs diffusers' HunyuanVideoTransformer3DModel.
+
+Same weights (ours converted into diffusers'), same inputs, same process. Rows report
+median seconds, tokens/s, counted FLOPs, achieved FLOP/s, its fraction of the measured
+matmul peak, and CUDA peak memory; `ratio` = ours / diffusers time (< 1 is faster).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from graphs import bench
+from hvfunc import ckpt, dit
+from hvfunc.config import DiTConfig
+from hvfunc.dit_spec import dit_spec
+from hvfunc.params import init
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiTBench:
+    """Shapes and model size of the DiT benchmark (defaults: the small CPU config)."""
+
+    hidden: int = 256
+    """Model width (3072 for the real model)."""
+    heads: int = 4
+    """Attention heads (24 for the real model)."""
+    double: int = 2
+    """Double-stream blocks (20 for the real model)."""
+    single: int = 4
+    """Single-stream blocks (40 for the real model)."""
+    frames: int = 5
+    """Latent frames (video frames = 4 * (frames - 1) + 1)."""
+    height: int = 32
+    """Latent height (pixels / 8); tokens = frames * height/2 * width/2."""
+    width: int = 48
+    """Latent width (pixels / 8)."""
+    text_len: int = 64
+    """Text tokens (all valid)."""
+    batch: int = 1
+    """Batch size."""
+    text_dim: int = 256
+    """LLM text-state width (4096 for the real model)."""
+    i2v: bool = False
+    """Use the I2V token_replace model."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Weights and compute dtype of both implementations."""
+    device: str = "cpu"
+    """cpu or cuda."""
+    repeats: int = 5
+    """Timed repeats (median reported) after one warm-up call."""
+    backward: bool = True
+    """Also time forward+backward (gradients of every weight)."""
+    json: Path | None = None
+    """Also write the rows (and the machine) as JSON here."""
+
+    def model(self) -> DiTConfig:
+        K = self.hidden // self.heads
+        t = 2 * (K // 16)
+        h = 2 * ((K - t) // 4)
+        return DiTConfig(hidden_size=self.hidden, heads_num=self.heads, mm_double_blocks_depth=self.double,
+                         mm_single_blocks_depth=self.single, rope_dim_list=(t, h, K - t - h),
+                         text_states_dim=self.text_dim, text_states_dim_2=min(768, self.text_dim),
+                         i2v_condition_type="token_replace" if self.i2v else None)
+
+
+def _inputs(b: DiTBench, cfg: DiTConfig, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b.batch, cfg.in_channels, b.frames, b.height, b.width, generator=g)
+    return dict(x=x.to(device), t=torch.full((b.batch,), 700.0, device=device),
+                text_states=torch.randn(b.batch, b.text_len, cfg.text_states_dim, generator=g).to(device),
+                text_mask=torch.ones(b.batch, b.text_len, dtype=torch.long, device=device),
+                text_states_2=torch.randn(b.batch, cfg.text_states_dim_2, generator=g).to(device),
+                guidance=torch.full((b.batch,), 6000.0, device=device))
+
+
+def bench_dit(b: DiTBench) -> list[dict]:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    device, dtype, cfg = torch.device(b.device), DTYPES[b.dtype], b.model()
+    params = {k: v.normal_(0, 0.02) if not v.any() else v for k, v in
+              init(dit_spec(cfg), dtype=dtype, device=device).items()}
+    ref = HunyuanVideoTransformer3DModel(**{k: v for k, v in ckpt.diffusers_config(cfg).items() if k[0] != "_"})
+    ref.load_state_dict(ckpt.dit_to_diffusers(params, cfg))
+    ref = ref.to(device=device, dtype=dtype).eval()
+    inp = _inputs(b, cfg, device)
+    ref_inp = dict(hidden_states=inp["x"].to(dtype), timestep=inp["t"], encoder_hidden_states=inp["text_states"].to(dtype),
+                   encoder_attention_mask=inp["text_mask"], pooled_projections=inp["text_states_2"].to(dtype),
+                   guidance=inp["guidance"], return_dict=False)
+    ours_fwd = lambda: dit.forward(params, **inp, cfg=cfg)  # noqa: E731
+    ref_fwd = lambda: ref(**ref_inp)[0]  # noqa: E731
+    tokens = b.batch * b.frames * (b.height // 2) * (b.width // 2)
+    peak = bench.matmul_peak(device, dtype)
+    rows = []
+    with torch.no_grad():
+        rows += _pair("forward", ours_fwd, ref_fwd, device, b.repeats, tokens, peak)
+    if b.backward:
+        for v in params.values():
+            v.requires_grad_(True)
+
+        def step(fn, leaves):
+            def run():
+                for p in leaves:
+                    p.grad = None
+                fn().float().square().mean().backward()
+            return run
+
+        rows += _pair("forward+backward", step(ours_fwd, list(params.values())),
+                      step(ref_fwd, list(ref.parameters())), device, b.repeats, tokens, peak)
+    for r in rows:
+        r.update(tokens=tokens, dtype=b.dtype, device=bench.machine(), matmul_peak_tflops=peak / 1e12)
+    return rows
+
+
+def _pair(what: str, ours, ref, device: torch.device, repeats: int, tokens: int, peak: float) -> list[dict]:
+    flops = bench.count_flops(ours)
+    out = []
+    for impl, fn in (("hvfunc", ours), ("diffusers", ref)):
+        sec = bench.median_seconds(fn, device=device, repeats=repeats)
+        out.append(dict(bench=f"dit {what}", impl=impl, seconds=sec, tokens_per_s=tokens / sec,
+                        tflops=flops / sec / 1e12, mfu=flops / sec / peak, peak_mem_gb=_gb(bench.cuda_peak_bytes(fn, device))))
+    out[0]["ratio"] = out[0]["seconds"] / out[1]["seconds"]
+    return out
+
+
+def _gb(n: int | None) -> float | None:
+    return None if n is None else n / 2 ** 30
