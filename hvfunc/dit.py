@@ -7,7 +7,8 @@ Pipeline: embed (patches, timestep/guidance/CLIP vector, token refiner, RoPE tab
 -> double-stream blocks (own img/txt weights, joint attention [img | txt])
 -> single-stream blocks (one stream over [img | txt]) -> final layer -> unpatchify.
 Text tokens never get RoPE. `attn` is injected (hvfunc.attention); block functions
-are injectable too so graphs/ and parallel/ can wrap them (compile, gather, remat).
+are injectable too (`Blocks`) so graphs/ and parallel/ can wrap them (compile, gather,
+remat), and `TPHooks` mark where tensor parallelism enters and leaves a block.
 """
 
 from __future__ import annotations
@@ -27,11 +28,41 @@ from hvfunc.params import Params, sub
 
 EPS = 1e-6  # every LayerNorm / RMSNorm of the DiT
 
+Hook = Callable[[Tensor, str], Tensor]
 
-def _heads(qkv_BL3D: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """[B, L, 3*N*K] in "(3 N K)" order -> q, k, v [B, L, N, K]."""
+
+def _same(x: Tensor, stream: str) -> Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class TPHooks:
+    """Where a tensor-parallel region starts and ends inside a block (identity without TP).
+
+    `enter` runs before column-parallel matmuls (q|k|v, fc1, linear1), `leave` after the
+    row-parallel ones (attn proj, fc2, linear2) and before their bias. `stream` is "img",
+    "txt" or "joint" (single blocks). With TP the weights given to a block are local
+    shards, so head counts are taken from shapes, never from the config.
+    """
+
+    enter: Hook = _same
+    leave: Hook = _same
+
+
+NO_TP = TPHooks()
+
+
+def _heads(qkv_BL3D: Tensor, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """[B, L, 3*N*K] in "(3 N K)" order -> q, k, v [B, L, N, K] (N local to this rank)."""
     B, L, _ = qkv_BL3D.shape
-    return qkv_BL3D.view(B, L, 3, n, -1).unbind(2)
+    return qkv_BL3D.view(B, L, 3, -1, head_dim).unbind(2)
+
+
+def _row(tp: TPHooks, y: Tensor, p: Params, name: str, stream: str) -> Tensor:
+    """Row-parallel output: reduce partial sums across tp, then add the (replicated) bias."""
+    y = tp.leave(y, stream)
+    b = p.get(f"{name}.bias")
+    return y if b is None else y + b
 
 
 def _qk_norm(p: Params, q: Tensor, k: Tensor, qn: str, kn: str) -> tuple[Tensor, Tensor]:
@@ -45,7 +76,7 @@ def refiner_block(p: Params, x_BSD: Tensor, c_BD: Tensor, kv_len: Tensor | None,
     """Token refiner block: affine LayerNorms, gates only (no shift/scale), SiLU MLP, no qk norm."""
     g_msa, g_mlp = linear(F.silu(c_BD), p, "adaLN_modulation.1").chunk(2, dim=-1)
     h = layer_norm(x_BSD, EPS, p["norm1.weight"], p["norm1.bias"])
-    q, k, v = _heads(linear(h, p, "self_attn_qkv"), cfg.heads_num)
+    q, k, v = _heads(linear(h, p, "self_attn_qkv"), cfg.head_dim)
     x_BSD = gate(x_BSD, linear(attn(q, k, v, kv_len).flatten(2), p, "self_attn_proj"), g_msa)
     h = layer_norm(x_BSD, EPS, p["norm2.weight"], p["norm2.bias"])
     return gate(x_BSD, linear(F.silu(linear(h, p, "mlp.fc1")), p, "mlp.fc2"), g_mlp)
@@ -53,7 +84,7 @@ def refiner_block(p: Params, x_BSD: Tensor, c_BD: Tensor, kv_len: Tensor | None,
 
 def double_block(p: Params, img: Tensor, txt: Tensor, vec: Tensor, *, rope: tuple[Tensor, Tensor],
                  kv_len: Tensor | None, cfg: DiTConfig, attn: AttnFn, vec_first: Tensor | None = None,
-                 first: int = 0) -> tuple[Tensor, Tensor]:
+                 first: int = 0, tp: TPHooks = NO_TP) -> tuple[Tensor, Tensor]:
     """img [B, L, D], txt [B, S, D], vec [B, D] -> img, txt. Joint attention over [img | txt].
 
     Modulation chunks: shift1, scale1, gate1, shift2, scale2, gate2. The leading `first`
@@ -63,44 +94,51 @@ def double_block(p: Params, img: Tensor, txt: Tensor, vec: Tensor, *, rope: tupl
     mt = linear(F.silu(vec), p, "txt_mod.linear").chunk(6, dim=-1)
     mf = None if vec_first is None else linear(F.silu(vec_first), p, "img_mod.linear").chunk(6, dim=-1)
     f = (lambda a, b: None) if mf is None else (lambda a, b: mf[a:b])
+    K = cfg.head_dim
 
-    h = split_first(modulate, first, (layer_norm(img, EPS),), mi[0:2], f(0, 2))
-    qi, ki, vi = _heads(linear(h, p, "img_attn_qkv"), cfg.heads_num)
+    h = tp.enter(split_first(modulate, first, (layer_norm(img, EPS),), mi[0:2], f(0, 2)), "img")
+    qi, ki, vi = _heads(linear(h, p, "img_attn_qkv"), K)
     qi, ki = _qk_norm(p, qi, ki, "img_attn_q_norm", "img_attn_k_norm")
     qi, ki = ops.apply_rope(qi, *rope), ops.apply_rope(ki, *rope)
-    qt, kt, vt = _heads(linear(modulate(layer_norm(txt, EPS), mt[0], mt[1]), p, "txt_attn_qkv"), cfg.heads_num)
+    h = tp.enter(modulate(layer_norm(txt, EPS), mt[0], mt[1]), "txt")
+    qt, kt, vt = _heads(linear(h, p, "txt_attn_qkv"), K)
     qt, kt = _qk_norm(p, qt, kt, "txt_attn_q_norm", "txt_attn_k_norm")
 
     o = attn(torch.cat([qi, qt], 1), torch.cat([ki, kt], 1), torch.cat([vi, vt], 1), kv_len).flatten(2)
-    L = img.shape[1]
-    img = split_first(gate, first, (img, linear(o[:, :L], p, "img_attn_proj")), mi[2:3], f(2, 3))
-    txt = gate(txt, linear(o[:, L:], p, "txt_attn_proj"), mt[2])
+    L = qi.shape[1]
+    y = _row(tp, F.linear(o[:, :L], p["img_attn_proj.weight"]), p, "img_attn_proj", "img")
+    img = split_first(gate, first, (img, y), mi[2:3], f(2, 3))
+    txt = gate(txt, _row(tp, F.linear(o[:, L:], p["txt_attn_proj.weight"]), p, "txt_attn_proj", "txt"), mt[2])
 
-    h = split_first(modulate, first, (layer_norm(img, EPS),), mi[3:5], f(3, 5))
-    img = split_first(gate, first, (img, _mlp(p, "img_mlp", h)), mi[5:6], f(5, 6))
-    txt = gate(txt, _mlp(p, "txt_mlp", modulate(layer_norm(txt, EPS), mt[3], mt[4])), mt[5])
+    h = tp.enter(split_first(modulate, first, (layer_norm(img, EPS),), mi[3:5], f(3, 5)), "img")
+    img = split_first(gate, first, (img, _mlp(p, "img_mlp", h, tp, "img")), mi[5:6], f(5, 6))
+    h = tp.enter(modulate(layer_norm(txt, EPS), mt[3], mt[4]), "txt")
+    txt = gate(txt, _mlp(p, "txt_mlp", h, tp, "txt"), mt[5])
     return img, txt
 
 
-def _mlp(p: Params, name: str, h: Tensor) -> Tensor:
-    return linear(F.gelu(linear(h, p, f"{name}.fc1"), approximate="tanh"), p, f"{name}.fc2")
+def _mlp(p: Params, name: str, h: Tensor, tp: TPHooks, stream: str) -> Tensor:
+    a = F.gelu(linear(h, p, f"{name}.fc1"), approximate="tanh")
+    return _row(tp, F.linear(a, p[f"{name}.fc2.weight"]), p, f"{name}.fc2", stream)
 
 
 def single_block(p: Params, x: Tensor, vec: Tensor, *, n_txt: int, rope: tuple[Tensor, Tensor],
                  kv_len: Tensor | None, cfg: DiTConfig, attn: AttnFn, vec_first: Tensor | None = None,
-                 first: int = 0) -> Tensor:
+                 first: int = 0, tp: TPHooks = NO_TP) -> Tensor:
     """x = [img | txt] [B, L + S, D] -> same. Parallel attention and MLP off one modulated input."""
     m = linear(F.silu(vec), p, "modulation.linear").chunk(3, dim=-1)
     mf = None if vec_first is None else linear(F.silu(vec_first), p, "modulation.linear").chunk(3, dim=-1)
-    h = split_first(modulate, first, (layer_norm(x, EPS),), m[0:2], None if mf is None else mf[0:2])
-    q, k, v = _heads(linear(h, p, "linear1_qkv"), cfg.heads_num)
+    h = tp.enter(split_first(modulate, first, (layer_norm(x, EPS),), m[0:2], None if mf is None else mf[0:2]),
+                 "joint")
+    q, k, v = _heads(linear(h, p, "linear1_qkv"), cfg.head_dim)
     q, k = _qk_norm(p, q, k, "q_norm", "k_norm")
-    L = x.shape[1] - n_txt
+    L = q.shape[1] - n_txt
     q = torch.cat([ops.apply_rope(q[:, :L], *rope), q[:, L:]], 1)
     k = torch.cat([ops.apply_rope(k[:, :L], *rope), k[:, L:]], 1)
     o = attn(q, k, v, kv_len).flatten(2)
     mlp = F.gelu(linear(h, p, "linear1_mlp"), approximate="tanh")
-    y = F.linear(o, p["linear2_attn.weight"]) + F.linear(mlp, p["linear2_mlp.weight"], p["linear2.bias"])
+    y = F.linear(o, p["linear2_attn.weight"]) + F.linear(mlp, p["linear2_mlp.weight"])
+    y = _row(tp, y, p, "linear2", "joint")
     return split_first(gate, first, (x, y), m[2:3], None if mf is None else mf[2:3])
 
 
@@ -114,8 +152,13 @@ class Embedded:
     vec_first: Tensor | None  # [B, D] for token_replace, else None
     rope: tuple[Tensor, Tensor]  # cos, sin [L, K/2] fp32
     txt_len: Tensor | None  # [B] valid text tokens; None when all S are valid
-    grid: tuple[int, int, int]  # token grid (T', H', W')
-    first: int  # tokens of latent frame 0 that use vec_first (0 for T2V)
+    grid: tuple[int, int, int]  # token grid (T', H', W') of the whole video
+    first: int  # tokens of latent frame 0 among this slice's tokens that use vec_first (0 for T2V)
+
+    @property
+    def kv_len(self) -> Tensor | None:
+        """Valid tokens of the whole [video | text] sequence per sample (None: all valid)."""
+        return None if self.txt_len is None else self.txt_len + self.grid[0] * self.grid[1] * self.grid[2]
 
 
 def text_lengths(text_mask: Tensor) -> Tensor:
@@ -167,8 +210,12 @@ def _check_inputs(x: Tensor, t: Tensor, text_states: Tensor, text_mask: Tensor, 
 
 def embed(params: Params, x: Tensor, t: Tensor, text_states: Tensor, text_mask: Tensor, text_states_2: Tensor,
           *, cfg: DiTConfig, guidance: Tensor | None = None, attn: AttnFn = sdpa,
-          trim_text: bool = True) -> Embedded:
-    """Everything before the blocks. Compute dtype = the params' dtype."""
+          trim_text: bool = True, tokens: tuple[int, int] | None = None) -> Embedded:
+    """Everything before the blocks. Compute dtype = the params' dtype.
+
+    `tokens` = (start, end) keeps only those video tokens (context parallelism): their
+    patches, RoPE rows and frame-0 count. Text and vectors are always whole.
+    """
     _check_inputs(x, t, text_states, text_mask, text_states_2, cfg)
     dtype = params["img_in.proj.weight"].dtype
     lens = text_lengths(text_mask)
@@ -197,11 +244,12 @@ def embed(params: Params, x: Tensor, t: Tensor, text_states: Tensor, text_mask: 
     B, C, T, H, W = x.shape
     grid = (T // cfg.patch_size[0], H // cfg.patch_size[1], W // cfg.patch_size[2])
     # Conv3d with kernel == stride is a linear map of each patch: one GEMM, same sum
-    img = F.linear(patchify(x.to(dtype), cfg.patch_size), params["img_in.proj.weight"].flatten(1),
+    start, end = tokens or (0, grid[0] * grid[1] * grid[2])
+    img = F.linear(patchify(x.to(dtype), cfg.patch_size)[:, start:end], params["img_in.proj.weight"].flatten(1),
                    params["img_in.proj.bias"])
-    rope = ops.rope_freqs(grid, cfg.rope_dim_list, cfg.rope_theta, device=x.device)
-    first = grid[1] * grid[2] if vec_first is not None else 0
-    return Embedded(img, txt, vec, vec_first, rope, txt_len, grid, first)
+    cos, sin = ops.rope_freqs(grid, cfg.rope_dim_list, cfg.rope_theta, device=x.device)
+    first = min(max(grid[1] * grid[2] - start, 0), end - start) if vec_first is not None else 0
+    return Embedded(img, txt, vec, vec_first, (cos[start:end], sin[start:end]), txt_len, grid, first)
 
 
 def token_refiner(params: Params, text_states: Tensor, t: Tensor, text_mask: Tensor, txt_len: Tensor | None, *,
@@ -224,10 +272,31 @@ def final_layer(params: Params, img: Tensor, vec: Tensor) -> Tensor:
     return linear(modulate(layer_norm(img, EPS), shift, scale), params, "final_layer.linear")
 
 
+@dataclass(frozen=True)
+class Blocks:
+    """The function that runs double / single block i: graphs/ wraps the plain ones with
+    parameter gathering, precision casts, recompute and compilation, per block index."""
+
+    double: Callable[[int], Callable[..., tuple[Tensor, Tensor]]] = lambda i: double_block
+    single: Callable[[int], Callable[..., Tensor]] = lambda i: single_block
+
+
+def run_blocks(params: Params, e: Embedded, *, cfg: DiTConfig, attn: AttnFn, tp: TPHooks = NO_TP,
+               blocks: Blocks = Blocks()) -> Tensor:
+    """Double then single blocks; returns this slice's video tokens [B, l, D]."""
+    img, txt = e.img, e.txt
+    kw = dict(rope=e.rope, kv_len=e.kv_len, cfg=cfg, attn=attn, vec_first=e.vec_first, first=e.first, tp=tp)
+    for i in range(cfg.mm_double_blocks_depth):
+        img, txt = blocks.double(i)(sub(params, f"double_blocks.{i}."), img, txt, e.vec, **kw)
+    h = torch.cat([img, txt], dim=1)
+    for i in range(cfg.mm_single_blocks_depth):
+        h = blocks.single(i)(sub(params, f"single_blocks.{i}."), h, e.vec, n_txt=txt.shape[1], **kw)
+    return h[:, : h.shape[1] - txt.shape[1]]
+
+
 def forward(params: Params, x: Tensor, t: Tensor, text_states: Tensor, text_mask: Tensor, text_states_2: Tensor,
             *, cfg: DiTConfig, guidance: Tensor | None = None, attn: AttnFn = sdpa, trim_text: bool = True,
-            double_fn: Callable[..., tuple[Tensor, Tensor]] = double_block,
-            single_fn: Callable[..., Tensor] = single_block) -> Tensor:
+            blocks: Blocks = Blocks()) -> Tensor:
     """Predict the flow velocity (noise - data) for latents x [B, C, T, H, W]; output has x's shape and dtype.
 
     t: [B] sigma * 1000. text_states [B, S, text_states_dim], text_mask [B, S] (right-padded),
@@ -236,14 +305,5 @@ def forward(params: Params, x: Tensor, t: Tensor, text_states: Tensor, text_mask
     """
     e = embed(params, x, t, text_states, text_mask, text_states_2, cfg=cfg, guidance=guidance, attn=attn,
               trim_text=trim_text)
-    img, txt = e.img, e.txt
-    L = img.shape[1]
-    kv_len = None if e.txt_len is None else e.txt_len + L
-    kw = dict(rope=e.rope, kv_len=kv_len, cfg=cfg, attn=attn, vec_first=e.vec_first, first=e.first)
-    for i in range(cfg.mm_double_blocks_depth):
-        img, txt = double_fn(sub(params, f"double_blocks.{i}."), img, txt, e.vec, **kw)
-    h = torch.cat([img, txt], dim=1)
-    for i in range(cfg.mm_single_blocks_depth):
-        h = single_fn(sub(params, f"single_blocks.{i}."), h, e.vec, n_txt=txt.shape[1], **kw)
-    out = final_layer(params, h[:, :L], e.vec)
-    return unpatchify(out, e.grid, cfg.patch_size).to(x.dtype)
+    img = run_blocks(params, e, cfg=cfg, attn=attn, blocks=blocks)
+    return unpatchify(final_layer(params, img, e.vec), e.grid, cfg.patch_size).to(x.dtype)

@@ -1,0 +1,91 @@
+"""One training step's loss on a (dp_replicate, dp_shard, cp, tp) mesh.
+
+Data: each dp rank has its own samples; cp ranks of a group share samples and split
+video tokens into contiguous slices; tp ranks share samples and tokens. Every rank
+returns its local sum of squared errors divided by the *global* element count, so
+gradients summed over the data axes (the FSDP reduce-scatter / HSDP all-reduce in the
+gather's backward) are the gradients of the global mean - the single-process loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from hvfunc import dit, flow
+from hvfunc.attention import AttnFn, sdpa
+from hvfunc.config import DiTConfig
+from hvfunc.params import Params
+from parallel import collectives, plan
+from parallel.mesh import Meshes
+
+_BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
+
+
+def token_slice(n_tokens: int, meshes: Meshes) -> tuple[int, int]:
+    cp = meshes.size("cp")
+    if n_tokens % cp:
+        raise ValueError(f"{n_tokens} video tokens cannot be split evenly over cp = {cp}: choose latent "
+                         f"frames/sizes whose token count divides cp")
+    n = n_tokens // cp
+    r = meshes.rank("cp")
+    return r * n, (r + 1) * n
+
+
+def gathered_blocks(dtype: torch.dtype | None, wrap: Callable[[Callable, str, int], Callable] | None = None
+                    ) -> dit.Blocks:
+    """Block functions that gather (and cast) their own leaves first: only one block's
+    full weights exist at a time. `wrap(fn, kind, i)` adds recompute/compile (graphs/)."""
+
+    def make(fn: Callable, kind: str) -> Callable[[int], Callable]:
+        def body(p: Params, *args, **kw):
+            return fn(plan.gather_tree(p, dtype), *args, **kw)
+
+        return (lambda i: wrap(body, kind, i)) if wrap else (lambda i: body)
+
+    return dit.Blocks(double=make(dit.double_block, "double"), single=make(dit.single_block, "single"))
+
+
+def loss(params: Params, batch: dict, sigma_B: Tensor, noise: Tensor, *, cfg: DiTConfig, meshes: Meshes,
+         guidance: Tensor | None, dtype: torch.dtype | None = None, attn: AttnFn = sdpa,
+         blocks: dit.Blocks | None = None) -> Tensor:
+    """This rank's share of the global mean flow-matching loss (sharded DTensor params)."""
+    grid = [n // p for n, p in zip(batch["latents"].shape[2:], cfg.patch_size)]
+    tokens = token_slice(grid[0] * grid[1] * grid[2], meshes)
+    outer = plan.gather_tree({k: v for k, v in params.items() if not k.startswith(_BLOCK_PREFIXES)}, dtype)
+    inner = {k: v for k, v in params.items() if k.startswith(_BLOCK_PREFIXES)}
+    block_attn = attn
+    if meshes.size("cp") > 1:
+        block_attn = collectives.ulysses(attn, meshes.compute["cp"], num_img=tokens[1] - tokens[0])
+    tp = collectives.tp_hooks(meshes.compute["tp"]) if meshes.size("tp") > 1 else dit.NO_TP
+    sq, n = flow.token_loss(outer | inner, batch, sigma_B, noise, cfg=cfg, guidance=guidance, attn=attn,
+                            block_attn=block_attn, tokens=tokens, tp=tp, blocks=blocks or gathered_blocks(dtype))
+    count = torch.tensor(float(n))
+    for axis in ("dp_replicate", "dp_shard", "cp"):  # tp ranks hold the same elements
+        if meshes.size(axis) > 1:
+            dist.all_reduce(count, group=meshes.group(axis))
+    return sq / count
+
+
+def global_mean(local: Tensor, meshes: Meshes) -> float:
+    """The loss value of the whole step (sum of every data shard's share)."""
+    v = local.detach().clone()
+    for axis in ("dp_replicate", "dp_shard", "cp"):
+        if meshes.size(axis) > 1:
+            dist.all_reduce(v, group=meshes.group(axis))
+    return float(v)
+
+
+def sample_noise(sample_ids: list[int], shape: tuple[int, ...], *, seed: int, step: int,
+                 how: flow.TimestepSampling) -> tuple[Tensor, Tensor]:
+    """(sigma [B], noise [B, *shape]) drawn per global sample id: the same numbers whatever
+    rank or batch split holds the sample, so every parallel layout sees the same step."""
+    sig, noise = [], []
+    for sid in sample_ids:
+        g = torch.Generator().manual_seed(hash((seed, step, sid)) & (2 ** 63 - 1))
+        sig.append(flow.sample_sigmas(1, how, generator=g))
+        noise.append(torch.randn(shape, generator=g))
+    return torch.cat(sig), torch.stack(noise)
