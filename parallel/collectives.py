@@ -21,6 +21,10 @@ from hvfunc.attention import AttnFn
 from hvfunc.dit import TPHooks
 
 
+# renamed in torch 2.13; the old name still exists (deprecated) on 2.11 - 2.13
+_all_gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
 def tp_copy(x: Tensor, mesh: DeviceMesh) -> Tensor:
     return DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
 
@@ -67,7 +71,7 @@ def ulysses(attn: AttnFn, mesh: DeviceMesh, num_img: int) -> AttnFn:
         o = attn(to_heads(q), to_heads(k), to_heads(v), kv_len)  # [B, L + S, N/n, K]
         L = num_img * n
         o_img = heads_to_seq(o[:, :L], group, n)
-        o_txt = funcol.all_gather_tensor_autograd(o[:, L:].contiguous(), gather_dim=2, group=group)  # noqa: deprecated name kept for torch 2.11
+        o_txt = _all_gather(o[:, L:].contiguous(), gather_dim=2, group=group)
         return torch.cat([o_img, o_txt], dim=1)
 
     return run
