@@ -94,11 +94,16 @@ def compiled(fn: Callable, c: Compile, backend_fn: Callable | None = None) -> Ca
 
 
 def make_blocks(*, prepare: Callable[[Params], Params] | None = None, recompute: Recompute = Recompute(),
-                compile: Compile = Compile(), backend_fn: Callable | None = None) -> dit.Blocks:
+                compile: Compile = Compile(), backend_fn: Callable | None = None,
+                dtensor_params: bool = False) -> dit.Blocks:
     """Blocks with gather/cast, recompute and compile applied (one compiled graph per mode).
 
     backend_fn: a dynamo backend callable that overrides compile.backend (tests count
-    compiled frames with it)."""
+    compiled frames with it). dtensor_params: the leaves are DTensors gathered by
+    `prepare`; torch (2.13) cannot compile a checkpointed region with a DTensor gather
+    inside (AOTAutograd tries to save the DeviceMesh), so then the checkpoint wraps the
+    compiled block instead. That is exact, but a selective policy cannot see inside the
+    compiled graph: it recomputes the whole block like "full"."""
     cache: dict[tuple[str, str], Callable] = {}
 
     def fn_for(kind: str, i: int) -> Callable:
@@ -110,7 +115,10 @@ def make_blocks(*, prepare: Callable[[Params], Params] | None = None, recompute:
             def body(p: Params, *args, _block=block, **kw):
                 return _block(prepare(p) if prepare else p, *args, **kw)
 
-            cache[kind, mode] = compiled(with_recompute(body, mode), compile, backend_fn)
+            if dtensor_params:
+                cache[kind, mode] = with_recompute(compiled(body, compile, backend_fn), mode)
+            else:
+                cache[kind, mode] = compiled(with_recompute(body, mode), compile, backend_fn)
         return cache[kind, mode]
 
     return dit.Blocks(double=lambda i: fn_for("double", i), single=lambda i: fn_for("single", i))

@@ -35,18 +35,18 @@ def token_slice(n_tokens: int, meshes: Meshes) -> tuple[int, int]:
     return r * n, (r + 1) * n
 
 
-def gathered_blocks(dtype: torch.dtype | None, wrap: Callable[[Callable, str, int], Callable] | None = None
-                    ) -> dit.Blocks:
-    """Block functions that gather (and cast) their own leaves first: only one block's
-    full weights exist at a time. `wrap(fn, kind, i)` adds recompute/compile (graphs/)."""
+def gathered_blocks(dtype: torch.dtype | None) -> dit.Blocks:
+    """Plain block functions that gather (and cast) their own leaves first, so only one
+    block's full weights exist at a time. graphs.blocks.make_blocks(prepare=...) adds
+    recompute and compilation around the same gather."""
 
-    def make(fn: Callable, kind: str) -> Callable[[int], Callable]:
+    def wrap(fn: Callable) -> Callable[[int], Callable]:
         def body(p: Params, *args, **kw):
             return fn(plan.gather_tree(p, dtype), *args, **kw)
 
-        return (lambda i: wrap(body, kind, i)) if wrap else (lambda i: body)
+        return lambda i: body
 
-    return dit.Blocks(double=make(dit.double_block, "double"), single=make(dit.single_block, "single"))
+    return dit.Blocks(double=wrap(dit.double_block), single=wrap(dit.single_block))
 
 
 def loss(params: Params, batch: dict, sigma_B: Tensor, noise: Tensor, *, cfg: DiTConfig, meshes: Meshes,
