@@ -47,7 +47,8 @@ def messy(tmp_path_factory):
     ds0, ds1 = root / "ds0", root / "ds1"
     v0 = ds0 / "videos"
     (v0 / "empty.mp4").write_bytes(b"")
-    (v0 / "garbage.mp4").write_bytes(bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).tolist()))
+    noise = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    (v0 / "garbage.mp4").write_bytes(bytes(noise.tolist()))
     (v0 / "lonely.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x07" * 500)
     good = (v0 / "clip_0000.mp4").read_bytes()
     (v0 / "truncated.mp4").write_bytes(good[: len(good) // 2])
