@@ -102,3 +102,80 @@ def dit_preset(name: str) -> DiTConfig:
     if name not in DIT_PRESETS:
         raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(DIT_PRESETS)}")
     return DIT_PRESETS[name]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Raw-video dataset rules: which frames and which pixels a clip contributes (hvfunc.data)."""
+
+    num_frames: int = 93
+    """Most frames per clip after fps resampling (93 = 4*23+1 -> 24 latent frames)."""
+    min_frames: int = 29
+    """Clips that yield fewer frames (after resampling and 4k+1 rounding) are skipped."""
+    train_fps: float | None = 24.0
+    """Resample every clip to this rate (source frames repeated or skipped); None keeps the source rate."""
+    temporal_stride: int = 4
+    """VAE time compression: frame counts are rounded down to stride*k+1."""
+    cp: int = 1
+    """Context-parallel degree: latent frame counts ((frames-1)/stride+1) are made divisible by it."""
+    resize: Literal["dynamic", "fixed"] = "dynamic"
+    """fixed: every clip becomes max_height x max_width (resize + centre crop); dynamic: keep the
+    aspect, scale down to max_area, align to `stride` (upstream's force_resolution=false)."""
+    max_height: int = 480
+    """Output height in fixed mode."""
+    max_width: int = 848
+    """Output width in fixed mode."""
+    max_area: int = 407040
+    """Largest height*width in dynamic mode (480*848)."""
+    min_area: int | None = None
+    """Clips whose source height*width is below this are skipped; None: a quarter of the output area."""
+    max_aspect: float = 2.0
+    """Aspect limit: dynamic keeps h/w in [1/max_aspect, max_aspect]; fixed keeps h/w within a
+    factor max_aspect of max_height/max_width."""
+    stride: int = 16
+    """Output height and width are multiples of this (VAE 8 x DiT patch 2 = 16)."""
+    backend: Literal["auto", "decord", "pyav"] = "auto"
+    """Video decoder; auto takes decord when it imports, else PyAV."""
+
+    def __post_init__(self) -> None:
+        if self.temporal_stride < 1 or self.cp < 1 or self.stride < 1:
+            raise ValueError(f"temporal_stride ({self.temporal_stride}), cp ({self.cp}) and stride ({self.stride}) "
+                             "must be >= 1")
+        if not 1 <= self.min_frames <= self.num_frames:
+            raise ValueError(f"need 1 <= min_frames ({self.min_frames}) <= num_frames ({self.num_frames})")
+        if self.train_fps is not None and self.train_fps <= 0:
+            raise ValueError(f"train_fps must be positive or None, got {self.train_fps}")
+        if self.resize not in ("dynamic", "fixed"):
+            raise ValueError(f"resize must be 'dynamic' or 'fixed', got {self.resize!r}")
+        if self.resize == "fixed" and (self.max_height % self.stride or self.max_width % self.stride):
+            raise ValueError(f"max_height x max_width {self.max_height}x{self.max_width} must be multiples of "
+                             f"stride {self.stride}")
+        if self.max_area < self.stride**2 or self.max_aspect < 1.0:
+            raise ValueError(f"max_area ({self.max_area}) must hold one stride^2 tile and max_aspect "
+                             f"({self.max_aspect}) must be >= 1")
+
+    @property
+    def out_area(self) -> int:
+        return self.max_height * self.max_width if self.resize == "fixed" else self.max_area
+
+    @property
+    def min_source_area(self) -> int:
+        return self.out_area // 4 if self.min_area is None else self.min_area
+
+    def replace(self, **changes) -> DataConfig:
+        return dataclasses.replace(self, **changes)
+
+
+DATA_PRESETS: dict[str, DataConfig] = {
+    # MindSpeed-MM's HunyuanVideo T2V feature-extraction data config, stride 16 instead of 8 (see docs/data.md).
+    "hunyuan-video-t2v": DataConfig(),
+    # The synthetic dataset (hvfunc.data.synthetic) on a CPU: 17 frames, about 64x96 pixels.
+    "tiny": DataConfig(num_frames=17, min_frames=9, max_height=64, max_width=96, max_area=64 * 96),
+}
+
+
+def data_preset(name: str) -> DataConfig:
+    """Look up a data preset by name with an error that lists the valid ones."""
+    if name not in DATA_PRESETS:
+        raise ValueError(f"unknown data preset {name!r}; choose one of {sorted(DATA_PRESETS)}")
+    return DATA_PRESETS[name]
