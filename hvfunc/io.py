@@ -75,26 +75,17 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
 
 def save_pickle(obj: object, path: str | Path) -> None:
     """torch.save atomically. Views are cloned first: torch.save would write their whole base storage."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
     def own(v: object) -> object:
         if isinstance(v, Tensor) and v.untyped_storage().nbytes() != v.numel() * v.element_size():
             return v.clone()
         return {k: own(x) for k, x in v.items()} if isinstance(v, dict) else v
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(own(obj), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_safetensors(tensors: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Stream tensors into a safetensors file atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for k, t in tensors.items():
@@ -105,19 +96,14 @@ def save_safetensors(tensors: Mapping[str, Tensor], path: str | Path, metadata: 
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-            for t in tensors.values():
-                t = t.detach().to("cpu").contiguous()
-                if t.numel():
-                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            t = t.detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextlib.contextmanager

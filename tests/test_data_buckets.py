@@ -110,8 +110,12 @@ def test_resume_mid_epoch_equals_uninterrupted():
 def test_resume_with_a_changed_plan_is_refused_mid_epoch():
     s = BucketSampler(BUCKETS, batch_size=2, world_size=2)
     state = s.state_dict(position=3)
-    with pytest.raises(ValueError, match="world_size: saved 2, now 4"):
+    with pytest.raises(ValueError, match="global_batch: saved 4, now 8"):
         BucketSampler(BUCKETS, batch_size=2, world_size=4).load_state_dict(state)
+    # the same global batch split another way resumes mid-epoch with the same plan
+    same = BucketSampler(BUCKETS, batch_size=4, world_size=1)
+    same.load_state_dict(state)
+    assert same.plan(0) == s.plan(0) and same.position == 3
     with pytest.raises(ValueError, match="fingerprint"):
         BucketSampler({A: BUCKETS[A]}, batch_size=2, world_size=2).load_state_dict(state)
     other = BucketSampler(BUCKETS, batch_size=2, world_size=4)

@@ -137,11 +137,15 @@ class BucketSampler:
         when a DataLoader prefetches (the sampler itself has run ahead by the prefetch depth)."""
         return {"epoch": self.epoch, "position": self.position if position is None else position,
                 "seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size,
-                "drop_last": self.drop_last, "shuffle": self.shuffle, "fingerprint": self.fingerprint()}
+                "global_batch": self.global_batch, "drop_last": self.drop_last, "shuffle": self.shuffle,
+                "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: Mapping) -> None:
         mine = self.state_dict()
-        keys = ("seed", "batch_size", "world_size", "drop_last", "shuffle", "fingerprint")
+        # the plan depends on the global batch, not on how it is split: another mesh with the
+        # same global batch resumes mid-epoch exactly
+        state = dict(state, global_batch=state.get("global_batch", state["batch_size"] * state["world_size"]))
+        keys = ("seed", "global_batch", "drop_last", "shuffle", "fingerprint")
         changed = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in keys if state.get(k) != mine[k]]
         if changed and state.get("position", 0):
             raise ValueError("cannot resume mid-epoch with a different data plan (" + "; ".join(changed) + "); "

@@ -32,6 +32,7 @@ REASONS: dict[str, str] = {
     "bad_aspect": "aspect ratio outside the configured limit",
     "decode_error": "the decoder cannot open or read the file (corrupt or not a video)",
     "metadata_mismatch": "decoded height/width differ from the data.json resolution",
+    "bad_feature": "extracted feature file missing, unreadable, or not holding the expected tensors",
 }
 
 

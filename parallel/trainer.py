@@ -1,0 +1,242 @@
+"""The training loop: flow matching on extracted features over a (dp, cp, tp) mesh.
+
+One function, `train(cfg)`, used by scripts/train.py and the tests. Per step: a global
+batch from the bucket sampler (one shape on every rank), per-sample sigma / noise / text
+dropout drawn from the sampler's per-draw seeds (so every layout sees the same numbers),
+the sharded loss, backward (FSDP reduce-scatter inside), global-norm clipping, AdamW with
+fp32 master weights. Non-finite losses or gradients skip the step (counted); too many in
+a row save a checkpoint and stop with a clear message. Checkpoints every N steps and on
+SIGTERM; `metrics.jsonl` gets one record per step.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import resource
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from graphs import bench
+from graphs.blocks import Compile, Recompute, make_blocks
+from hvfunc import attention, ckpt, flops, flow, io
+from hvfunc.config import dit_preset
+from hvfunc.data.buckets import BucketSampler, group
+from hvfunc.data.features import FeatureDataset, collate
+from hvfunc.dit_spec import dit_spec
+from hvfunc.flow import TimestepSampling
+from hvfunc.params import init as init_params
+from parallel import checkpoint, optim, plan, runtime, step
+from parallel.mesh import ParallelConfig, build
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """A training run: data, model, parallel layout, optimisation, checkpoints."""
+
+    features: Path
+    """Folder written by scripts/extract.py (index.jsonl + samples/)."""
+    out: Path
+    """Run folder: checkpoints/, metrics.jsonl, config.json."""
+    model: str = "tiny"
+    """DiT preset (hunyuan-video-t2v, hunyuan-video-i2v, tiny, tiny-i2v)."""
+    init_from: Path | None = None
+    """Weights to start from (official .pt, diffusers folder, hvfunc safetensors); None: upstream's init."""
+    steps: int = 100
+    """Optimizer steps in total (a resumed run continues up to this)."""
+    batch_size: int = 1
+    """Samples per data-parallel rank per step."""
+    seed: int = 0
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Compute dtype; weights, optimizer state and gradient reduction stay fp32."""
+    guidance: float | None = 1.0
+    """Embedded guidance scale fed while training (x1000; T2V recipe 1.0, I2V 6.0); None for models without."""
+    timesteps: TimestepSampling = field(default_factory=TimestepSampling)
+    text_dropout: float = 0.0
+    """Probability of training a sample on the empty prompt (for classifier-free guidance)."""
+    optim: optim.OptimConfig = field(default_factory=optim.OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    recompute: Recompute = field(default_factory=Recompute)
+    compile: Compile = field(default_factory=Compile)
+    attention: str = "sdpa"
+    """Attention backend: sdpa, flash-varlen, npu."""
+    device: str = "auto"
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    """Complete checkpoints kept on disk."""
+    max_bad_steps: int = 5
+    """Consecutive non-finite steps tolerated before stopping (with a checkpoint)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+
+
+class _Stop:
+    """SIGTERM sets the flag; every rank agrees (all-reduce) before acting on it."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        signal.signal(signal.SIGTERM, self._set)
+
+    def _set(self, *_: object) -> None:
+        self.flag = True
+
+    def agreed(self) -> bool:
+        t = torch.tensor(float(self.flag))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t)
+
+
+def _draws(batch: dict, cfg: TrainConfig, step_no: int, device: torch.device) -> tuple:
+    """sigma [B], noise, text-dropout mask [B], all from the samples' draw seeds."""
+    sig, noise, drop = [], [], []
+    for s in batch["seed"]:
+        g = torch.Generator().manual_seed(int(s))
+        sig.append(flow.sample_sigmas(1, cfg.timesteps, generator=g))
+        noise.append(torch.randn(tuple(batch["latents"].shape[1:]), generator=g))
+        drop.append(bool(torch.rand((), generator=g) < cfg.text_dropout))
+    return torch.cat(sig).to(device), torch.stack(noise).to(device), drop
+
+
+def _with_dropout(batch: dict, drop: list[bool], uncond: dict | None) -> dict:
+    if not any(drop):
+        return batch
+    if uncond is None:
+        raise ValueError("text_dropout > 0 needs uncond.safetensors in the feature folder (scripts/extract.py writes it)")
+    out = dict(batch)
+    for k in ("text_states", "text_mask", "text_states_2"):
+        out[k] = batch[k].clone()
+        for b, d in enumerate(drop):
+            if d:
+                out[k][b] = uncond[k].to(out[k])
+    return out
+
+
+def _params(cfg: TrainConfig, meshes, device: torch.device):
+    model = dit_preset(cfg.model)
+    spec = dit_spec(model)
+    if cfg.init_from is not None:
+        full = ckpt.load_dit(cfg.init_from, model)  # raises on a wrong path or mismatched weights
+        runtime.print0(f"initialised from {cfg.init_from}")
+    else:
+        full = init_params(spec, generator=torch.Generator().manual_seed(cfg.seed))
+    sharded = plan.shard({k: v.float().to(device) for k, v in full.items()}, plan.plan(spec, meshes), meshes)
+    return model, {k: v.requires_grad_(True) for k, v in sharded.items()}
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    device = runtime.init(cfg.device)
+    meshes = build(cfg.parallel, device_type=device.type)
+    model, params = _params(cfg, meshes, device)
+    meshes.cfg.check_model(model)
+    task = "i2v" if model.i2v_condition_type else "t2v"
+    ds = FeatureDataset(cfg.features, task=task)
+    sampler = BucketSampler(group(ds.keys()), batch_size=cfg.batch_size, rank=meshes.data_rank,
+                            world_size=meshes.data_world, seed=cfg.seed)
+    opt = optim.make_optimizer(params, cfg.optim)
+    ckdir, start = cfg.out / "checkpoints", 0
+    if (last := checkpoint.latest(ckdir)) is not None:
+        state = checkpoint.load(last, params, opt)
+        sampler.load_state_dict(state["sampler"])
+        start = state["step"]
+        runtime.print0(f"resumed from {last} at step {start}")
+    if runtime.is_main():
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    uncond_path = cfg.features / "uncond.safetensors"
+    uncond = io.load_safetensors(uncond_path) if uncond_path.is_file() else None
+    dtype = DTYPES[cfg.dtype]
+    blocks = make_blocks(prepare=functools.partial(plan.gather_tree, dtype=dtype), recompute=cfg.recompute,
+                         compile=cfg.compile, dtensor_params=True)
+    attn = attention.get(cfg.attention)
+    guidance = None if not model.guidance_embed else (cfg.guidance if cfg.guidance is not None else 1.0) * 1000
+    return _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, guidance, dtype, device, start)
+
+
+def _epochs(ds, sampler: BucketSampler, workers: int):
+    """(batch, sampler state after it) forever; the DataLoader may prefetch, the state is exact."""
+    while True:
+        epoch, pos0 = sampler.epoch, sampler.position
+        batches = list(iter(sampler))  # the rest of this epoch; the sampler moves to the next
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=workers)
+        for k, batch in enumerate(loader, 1):
+            yield batch, dict(sampler.state_dict(), epoch=epoch, position=pos0 + k)
+
+
+def _peak_mem_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, guidance, dtype, device, start):
+    batches, stop = _epochs(ds, sampler, cfg.num_workers), _Stop()
+    peak_flops = bench.matmul_peak(device, dtype) * dist.get_world_size()
+    metrics = (cfg.out / "metrics.jsonl").open("a") if runtime.is_main() else None
+    bar = tqdm(total=cfg.steps, initial=start, disable=not runtime.is_main(), desc="train", unit="step")
+    records, bad, skipped, state = [], 0, 0, sampler.state_dict()
+    for s in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        batch, state = next(batches)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        sigma, noise, drop = _draws(batch, cfg, s, device)
+        batch = _with_dropout(batch, drop, uncond)
+        B = batch["latents"].shape[0]
+        g = None if guidance is None else torch.full((B,), guidance, device=device)
+        loss = step.loss(params, batch, sigma, noise, cfg=model, meshes=meshes, guidance=g, dtype=dtype, attn=attn,
+                         blocks=blocks)
+        value = step.global_mean(loss, meshes)
+        lr = cfg.optim.lr_at(s)
+        optim.set_lr(opt, lr)
+        norm = float("nan")
+        if math.isfinite(value):
+            loss.backward()
+            norm = optim.clip_(params, cfg.optim.grad_clip)
+        ok = math.isfinite(value) and math.isfinite(norm)
+        if ok:
+            opt.step()
+        bad, skipped = (0, skipped) if ok else (bad + 1, skipped + 1)
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        rec = _record(s, value, norm, lr, dt, batch, model, meshes, peak_flops, device, skipped)
+        records.append(rec)
+        if metrics:
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}")
+        trainer_state = {"sampler": state, "seed": cfg.seed, "model": cfg.model}
+        if bad > cfg.max_bad_steps:
+            checkpoint.save(cfg.out / "checkpoints", s + 1, params, opt, trainer_state, cfg.keep_last)
+            raise RuntimeError(f"{bad} consecutive steps had a non-finite loss or gradient (last loss {value}, "
+                               f"grad norm {norm}); stopped and saved a checkpoint in {cfg.out / 'checkpoints'}. "
+                               f"Lower the learning rate or check the data.")
+        stopping = stop.agreed()
+        if (s + 1) % cfg.checkpoint_every == 0 or s + 1 == cfg.steps or stopping:
+            checkpoint.save(cfg.out / "checkpoints", s + 1, params, opt, trainer_state, cfg.keep_last)
+        if stopping:
+            runtime.print0(f"SIGTERM: saved a checkpoint at step {s + 1} and stopped")
+            break
+    bar.close()
+    if metrics:
+        metrics.close()
+    return records
+
+
+def _record(s, value, norm, lr, dt, batch, model, meshes, peak_flops, device, skipped) -> dict:
+    B_global = batch["latents"].shape[0] * meshes.data_world
+    T, H, W = (n // p for n, p in zip(batch["latents"].shape[2:], model.patch_size))
+    video, text = T * H * W, float(batch["text_mask"].float().sum(1).mean())
+    f = 3 * flops.forward_flops(model, batch=B_global, video_tokens=video, text_tokens=int(text))
+    return {"step": s + 1, "loss": value, "grad_norm": norm, "lr": lr, "seconds": dt,
+            "tokens_per_s": B_global * video / dt, "samples_per_s": B_global / dt, "mfu": f / dt / peak_flops,
+            "peak_mem_gb": _peak_mem_gb(device), "skipped_steps": skipped}
