@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from graphs import bench
+from graphs.blocks import Compile, make_blocks
 from hvfunc import ckpt, dit
 from hvfunc.config import DiTConfig
 from hvfunc.dit_spec import dit_spec
@@ -56,6 +57,8 @@ class DiTBench:
     """Timed repeats (median reported) after one warm-up call."""
     backward: bool = True
     """Also time forward+backward (gradients of every weight)."""
+    compile: Literal["none", "inductor", "aot_eager"] = "none"
+    """Also time our blocks compiled with this backend (rows "hvfunc+compile")."""
     json: Path | None = None
     """Also write the rows (and the machine) as JSON here."""
 
@@ -92,39 +95,45 @@ def bench_dit(b: DiTBench) -> list[dict]:
     ref_inp = dict(hidden_states=inp["x"].to(dtype), timestep=inp["t"], encoder_hidden_states=inp["text_states"].to(dtype),
                    encoder_attention_mask=inp["text_mask"], pooled_projections=inp["text_states_2"].to(dtype),
                    guidance=inp["guidance"], return_dict=False)
-    ours_fwd = lambda: dit.forward(params, **inp, cfg=cfg)  # noqa: E731
-    ref_fwd = lambda: ref(**ref_inp)[0]  # noqa: E731
+    impls = {"hvfunc": lambda: dit.forward(params, **inp, cfg=cfg)}
+    if b.compile != "none":
+        blocks = make_blocks(compile=Compile(backend=b.compile))
+        impls["hvfunc+compile"] = lambda: dit.forward(params, **inp, cfg=cfg, blocks=blocks)
+    impls["diffusers"] = lambda: ref(**ref_inp)[0]
     tokens = b.batch * b.frames * (b.height // 2) * (b.width // 2)
     peak = bench.matmul_peak(device, dtype)
-    rows = []
     with torch.no_grad():
-        rows += _pair("forward", ours_fwd, ref_fwd, device, b.repeats, tokens, peak)
+        rows = _rows("forward", impls, device, b.repeats, tokens, peak)
     if b.backward:
         for v in params.values():
             v.requires_grad_(True)
+        leaves = {k: list(ref.parameters()) if k == "diffusers" else list(params.values()) for k in impls}
 
-        def step(fn, leaves):
+        def step(fn, ps):
             def run():
-                for p in leaves:
+                for p in ps:
                     p.grad = None
                 fn().float().square().mean().backward()
             return run
 
-        rows += _pair("forward+backward", step(ours_fwd, list(params.values())),
-                      step(ref_fwd, list(ref.parameters())), device, b.repeats, tokens, peak)
+        rows += _rows("forward+backward", {k: step(fn, leaves[k]) for k, fn in impls.items()}, device, b.repeats,
+                      tokens, peak)
     for r in rows:
         r.update(tokens=tokens, dtype=b.dtype, device=bench.machine(), matmul_peak_tflops=peak / 1e12)
     return rows
 
 
-def _pair(what: str, ours, ref, device: torch.device, repeats: int, tokens: int, peak: float) -> list[dict]:
-    flops = bench.count_flops(ours)
+def _rows(what: str, impls: dict, device: torch.device, repeats: int, tokens: int, peak: float) -> list[dict]:
+    """One row per implementation; FLOPs counted once on our eager run; ratio = time / diffusers' time."""
+    flops = bench.count_flops(impls["hvfunc"])
     out = []
-    for impl, fn in (("hvfunc", ours), ("diffusers", ref)):
-        sec = bench.median_seconds(fn, device=device, repeats=repeats)
+    for impl, fn in impls.items():
+        sec = bench.median_seconds(fn, device=device, repeats=repeats, warmup=2 if "compile" in impl else 1)
         out.append(dict(bench=f"dit {what}", impl=impl, seconds=sec, tokens_per_s=tokens / sec,
                         tflops=flops / sec / 1e12, mfu=flops / sec / peak, peak_mem_gb=_gb(bench.cuda_peak_bytes(fn, device))))
-    out[0]["ratio"] = out[0]["seconds"] / out[1]["seconds"]
+    ref = out[-1]["seconds"]
+    for r in out[:-1]:
+        r["ratio"] = r["seconds"] / ref
     return out
 
 

@@ -55,8 +55,9 @@ class ParallelConfig:
             raise ValueError(f"heads_num {cfg.heads_num} is not divisible by tp*cp = {self.tp}*{self.cp}")
         if cfg.mlp_hidden % self.tp:
             raise ValueError(f"MLP width {cfg.mlp_hidden} is not divisible by tp = {self.tp}")
-        if self.sequence_parallel and self.tp == 1:
-            raise ValueError("sequence_parallel needs tp > 1")
+        if self.sequence_parallel:
+            raise ValueError("sequence_parallel is not implemented yet (tp shards heads/MLP; video tokens "
+                             "stay replicated over tp): run without --parallel.sequence-parallel")
 
 
 @dataclass(frozen=True)
