@@ -1,0 +1,104 @@
+"""Feature extraction for one batch of clips: VAE latents and text conditioning.
+
+Per clip: the VAE posterior *sample* x scaling factor (as the seed's extraction does),
+drawn with a generator seeded by (seed, clip index) so results do not depend on how clips
+are batched or spread over ranks; LLaVA text states + mask with the *same template as
+sampling* (the video template); CLIP pooled. I2V adds the clean first-frame latent
+(posterior mode of the frame encoded alone, scaled) and gives LLaVA that frame as its image.
+Batches are planned per bucket in a fixed order, so any number of ranks writes the same files.
+Shapes: B clips, C=3 pixels / 16 latent channels, T frames, H, W.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from hvfunc import vae
+from hvfunc.config import VAEConfig
+from hvfunc.data.buckets import mix_seed
+from hvfunc.data.dataset import VideoDataset
+from hvfunc.data.video import ClipError
+from hvfunc.params import Params
+from hvfunc.text import TextEncoders, black_images, encode_prompts
+
+
+@dataclass(frozen=True, kw_only=True)
+class Models:
+    vae: Params
+    vae_cfg: VAEConfig
+    text: TextEncoders
+    tiling: vae.Tiling | None = None
+    """VAE tiling (upstream: on), bounds memory for large clips."""
+
+
+def plan_batches(ds: VideoDataset, batch_size: int) -> list[list[int]]:
+    """Clip indices in global batches: per bucket, in index order, chunks of batch_size."""
+    return [idx[i:i + batch_size] for idx in ds.buckets.values() for i in range(0, len(idx), batch_size)]
+
+
+def clip_id(ds: VideoDataset, i: int) -> str:
+    """Feature file name of clip i: its video file's stem (names are unique: duplicates are skipped)."""
+    return Path(ds.entries[i].path).stem
+
+
+def _to_pil(frame_CHW: Tensor):
+    from PIL import Image
+
+    arr = ((frame_CHW.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr)
+
+
+@torch.no_grad()
+def extract(models: Models, ds: VideoDataset, indices: list[int], *, seed: int, task: str,
+            device: torch.device, dtype: torch.dtype = torch.float32) -> list[tuple[dict, dict[str, Tensor]]]:
+    """(record, tensors) for every readable clip of one batch; unreadable ones go to ds.report."""
+    loaded = []
+    for i in indices:
+        try:
+            loaded.append((i, ds.load(i, mix_seed(seed, i))))
+        except ClipError as e:
+            ds.report.add(ds.entries[i].path, e.reason, e.detail, "read")
+    if not loaded:
+        return []
+    video = torch.stack([s["video"] for _, s in loaded]).to(device, dtype)  # [B, 3, T, H, W] in [-1, 1]
+    p = {k: v.to(device, dtype) for k, v in models.vae.items()}
+    mean, logvar = vae.encode(p, video, cfg=models.vae_cfg, tiling=models.tiling, slicing=True)
+    lat = []
+    for b, (i, _) in enumerate(loaded):
+        g = torch.Generator(device="cpu").manual_seed(mix_seed(seed, i))
+        lat.append(vae.scale_latents(vae.sample(mean[b:b + 1].float().cpu(), logvar[b:b + 1].float().cpu(),
+                                                generator=g), cfg=models.vae_cfg)[0])
+    prompts = [s["caption"] for _, s in loaded]
+    images = [_to_pil(video[b, :, 0].float().cpu()) for b in range(len(loaded))] if task == "i2v" else None
+    text = encode_prompts(models.text, prompts, images=images, device=device, dtype=torch.float32, video=True)
+    cond = None
+    if task == "i2v":  # the reference frame alone, posterior mode (as upstream encodes the I2V image)
+        m, _ = vae.encode(p, video[:, :, :1], cfg=models.vae_cfg, slicing=True)
+        cond = vae.scale_latents(m.float().cpu(), cfg=models.vae_cfg)
+    out = []
+    for b, (i, s) in enumerate(loaded):
+        t = {"latents": lat[b], "text_states": text.text_states[b].cpu(), "text_mask": text.text_mask[b].cpu(),
+             "text_states_2": text.text_states_2[b].cpu()}
+        if cond is not None:
+            t["cond_latents"] = cond[b]
+        T, H, W = s["bucket"]
+        out.append(({"id": clip_id(ds, i), "caption": s["caption"], "task": task, "source": s["path"],
+                     "frames": T, "height": H, "width": W}, t))
+    return out
+
+
+@torch.no_grad()
+def uncond(models: Models, task: str, device: torch.device, size: tuple[int, int] = (64, 64)) -> dict[str, Tensor]:
+    """The empty prompt's conditioning (I2V: with a black reference image), for CFG dropout."""
+    images = None
+    if task == "i2v":
+        from PIL import Image
+
+        images = black_images([Image.new("RGB", (size[1], size[0]))])
+    t = encode_prompts(models.text, [""], images=images, device=device, dtype=torch.float32, video=True)
+    return {"text_states": t.text_states[0].cpu(), "text_mask": t.text_mask[0].cpu(),
+            "text_states_2": t.text_states_2[0].cpu()}

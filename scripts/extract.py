@@ -1,0 +1,144 @@
+"""Extract training features from raw videos: VAE latents + text conditioning, per clip.
+
+    torchrun --nproc-per-node 2 scripts/extract.py --data data.txt --out runs/feats --models.preset tiny
+    torchrun --nproc-per-node 8 scripts/extract.py --data data.txt --out /data/feats \\
+        --models.vae ckpts/hunyuan-video-t2v-720p/vae --models.text-encoder ckpts/text_encoder \\
+        --models.text-encoder-2 ckpts/text_encoder_2 --data-preset hunyuan-video-t2v
+
+Each rank takes a disjoint share of the global batches (planned per bucket, in a fixed
+order), writes one safetensors per clip atomically and skips clips already written, so
+a rerun resumes. Bad clips are skipped and reported (report.json); rank 0 then builds
+index.jsonl and uncond.safetensors. Any number of ranks writes the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import tyro
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hvfunc import io, params, vae  # noqa: E402
+from hvfunc.config import VAE_PRESETS, data_preset  # noqa: E402
+from hvfunc.data import extract as ex  # noqa: E402
+from hvfunc.data.dataset import build_dataset  # noqa: E402
+from hvfunc.data.features import build_index, sample_path, write_sample  # noqa: E402
+from hvfunc.data.report import SkipReport  # noqa: E402
+from hvfunc.text.load import load_encoders  # noqa: E402
+from hvfunc.vae.ckpt import load_vae  # noqa: E402
+from parallel import runtime  # noqa: E402
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelArgs:
+    """Where the VAE and text encoders come from."""
+
+    preset: Literal["tiny", "none"] = "none"
+    """tiny: build tiny random VAE / LLM / CLIP under <out>/models and load them from there."""
+    vae: Path | None = None
+    """VAE folder (pytorch_model.pt + config.json, or diffusers' vae/)."""
+    text_encoder: Path | None = None
+    """Converted LLM folder (scripts/convert.py text-encoder), or the full LLaVA folder for I2V."""
+    text_encoder_2: Path | None = None
+    """CLIP-L text model folder."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractArgs:
+    data: Path
+    """data.txt listing `<folder>,<data.json>` lines."""
+    out: Path
+    """Feature folder (samples/, index.jsonl, uncond.safetensors, report.json)."""
+    models: ModelArgs = field(default_factory=ModelArgs)
+    task: Literal["t2v", "i2v"] = "t2v"
+    data_preset: str = "tiny"
+    """Frame and resolution rules (hvfunc.config.DATA_PRESETS)."""
+    cp: int = 1
+    """Make latent frame counts divisible by this context-parallel degree."""
+    batch_size: int = 2
+    seed: int = 0
+    """Seeds temporal crops and the VAE posterior samples."""
+    tiling: bool = True
+    """VAE tiling with upstream's numbers (bounds memory on large clips)."""
+    device: str = "auto"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """VAE compute dtype (features are stored fp32)."""
+
+
+def tiny_models(root: Path, task: str) -> ModelArgs:
+    """Write tiny random models as upstream's folders (rank 0) and point at them."""
+    from hvfunc.text.tiny import write_tiny_encoders
+
+    if runtime.is_main():
+        cfg = VAE_PRESETS["tiny"]
+        weights = params.init(vae.vae_spec(cfg), generator=torch.Generator().manual_seed(0))
+        io.save_pickle(weights, root / "vae" / "pytorch_model.pt")
+        io.write_atomic(root / "vae" / "config.json", json.dumps(asdict(cfg), indent=1).encode())
+        write_tiny_encoders(root, i2v=task == "i2v")
+    dist.barrier()
+    llm = root / ("text_encoder_i2v" if task == "i2v" else "text_encoder")
+    return ModelArgs(vae=root / "vae", text_encoder=llm, text_encoder_2=root / "text_encoder_2")
+
+
+def load(a: ExtractArgs) -> ex.Models:
+    m = tiny_models(a.out / "models", a.task) if a.models.preset == "tiny" else a.models
+    if None in (m.vae, m.text_encoder, m.text_encoder_2):
+        raise ValueError("give --models.preset tiny or all of --models.vae, --models.text-encoder, "
+                         "--models.text-encoder-2")
+    vae_params, vae_cfg = load_vae(m.vae)
+    text = load_encoders(m.text_encoder, m.text_encoder_2, strict=a.models.preset != "tiny",
+                         dtype=torch.float32 if a.models.preset == "tiny" else torch.float16)
+    return ex.Models(vae=vae_params, vae_cfg=vae_cfg, text=text, tiling=vae.Tiling() if a.tiling else None)
+
+
+def main(a: ExtractArgs) -> None:
+    device = runtime.init(a.device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ds = build_dataset(a.data, data_preset(a.data_preset).replace(cp=a.cp), seed=a.seed)
+    models = load(a)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    batches = ex.plan_batches(ds, a.batch_size)[rank::world]
+    todo = [b for b in batches if not all(sample_path(a.out, ex.clip_id(ds, i)).is_file() for i in b)]
+    done = sum(len(b) for b in batches) - sum(len(b) for b in todo)
+    runtime.print0(f"{len(ds)} clips in {len(ds.buckets)} buckets; rank 0 has {len(todo)} batches to do, "
+                   f"{done} clips already extracted")
+    bar = tqdm(total=sum(len(b) for b in todo), disable=rank != 0, unit="clip", desc="extract")
+    start = time.perf_counter()
+    for b in todo:
+        for record, tensors in ex.extract(models, ds, b, seed=a.seed, task=a.task, device=device, dtype=dtype):
+            write_sample(a.out, record, tensors)
+        bar.update(len(b))
+        bar.set_postfix(clips_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")
+    bar.close()
+    ds.report.write(a.out / f".report.rank{rank}.json", len(ds))
+    dist.barrier()
+    if rank == 0:
+        _finish(a, ds, models, device, world)
+    dist.barrier()
+
+
+def _finish(a: ExtractArgs, ds, models: ex.Models, device: torch.device, world: int) -> None:
+    report = SkipReport()
+    for r in range(world):
+        part = json.loads((a.out / f".report.rank{r}.json").read_text())
+        report.listed = part["listed"]
+        report.extend(part["skips"])
+        (a.out / f".report.rank{r}.json").unlink()
+    report.write(a.out / "report.json", len(ds))
+    io.save_safetensors(ex.uncond(models, a.task, device), a.out / "uncond.safetensors")
+    records = build_index(a.out)
+    print(report.summary(len(ds)))
+    print(f"{len(records)} samples in {a.out / 'index.jsonl'}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(ExtractArgs))
