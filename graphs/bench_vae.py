@@ -80,7 +80,9 @@ def bench_vae(*, preset: str = "tiny", cfg: VAEConfig | None = None, frames: int
                     generator=g).to(device=dev, dtype=dtype)
     rows = []
     for name, til in (("untiled", None), ("tiled", tiling)):
-        ref = diffusers_vae(cfg, params, til).to(device=dev, dtype=dtype)
+        ref = diffusers_vae(cfg, params, til)
+        if dev.type != "cpu" or dtype != torch.float32:
+            ref = ref.to(device=dev, dtype=dtype)
         ours_fn = functools.partial(vae.decode, params, z, cfg=cfg, tiling=til)
         ref_fn = functools.partial(lambda m: m.decode(z).sample, ref)
         y, ours_peak = peak_memory(ours_fn, device=dev)
