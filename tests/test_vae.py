@@ -97,7 +97,7 @@ def test_posterior_sample_mode_and_scaling(params, ref):
     assert torch.all(vae.encode(huge, x, cfg=CFG)[1] == 20.0)  # upstream clamps logvar to [-30, 20]
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
 @torch.no_grad()
 def test_half_precision_close_to_fp32(params, dtype, tol):
     """Weights and activations in bf16 / fp16, GroupNorm in fp32 (upstream's autocast run)."""

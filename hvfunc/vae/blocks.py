@@ -23,12 +23,13 @@ EPS = 1e-6  # every GroupNorm of the VAE
 
 
 def conv3d(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int, int] = (1, 1, 1)) -> Tensor:
-    """F.conv3d, but oneDNN on CPU for fp32 / bf16 (same result within fp32 rounding).
+    """F.conv3d, but oneDNN on CPU for fp32 (same result within fp32 rounding).
 
     torch sends batch-1 inputs with B*C*T*H <= 20480 to its im2col `slow_conv3d`, 7-10x
     slower than oneDNN here: that covers every conv of a small model or a small tile.
+    (bf16 / fp16 keep torch's choice: oneDNN's bf16 path depends on CPU features.)
     """
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.enabled \
+    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled \
             and torch.backends.mkldnn.is_available():
         return torch.mkldnn_convolution(x, w, b, [0, 0, 0], list(stride), [1, 1, 1], 1)
     return F.conv3d(x, w, b, stride)

@@ -87,7 +87,7 @@ def encode(params: Params, video: Tensor, *, cfg: VAEConfig, tiling: tl.Tiling |
     T, H, W = video.shape[2:]
     check_video_shape(T, H, W, cfg=cfg)
     rt, rs = cfg.time_compression_ratio, cfg.spatial_compression_ratio
-    space, time = tl.plan(tiling, cfg, decode=False) if tiling else (None, None)
+    space, time = tl.plan(tiling, cfg, decode=False) if tiling is not None else (None, None)
 
     def one(x: Tensor) -> Tensor:
         return tl.run(lambda tile: encoder(params, tile, cfg=cfg), x, space=space, time=time,
@@ -104,7 +104,7 @@ def decode(params: Params, latents: Tensor, *, cfg: VAEConfig, tiling: tl.Tiling
     _check_input(latents, cfg.latent_channels, "latents")
     t, h, w = latents.shape[2:]
     rt, rs = cfg.time_compression_ratio, cfg.spatial_compression_ratio
-    space, time = tl.plan(tiling, cfg, decode=True) if tiling else (None, None)
+    space, time = tl.plan(tiling, cfg, decode=True) if tiling is not None else (None, None)
 
     def one(z: Tensor) -> Tensor:
         return tl.run(lambda tile: decoder(params, tile, cfg=cfg), z, space=space, time=time,
