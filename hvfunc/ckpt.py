@@ -258,3 +258,6 @@ def load_dit(path: str | Path, cfg: DiTConfig, *, source: Format = "auto", key: 
     except ValueError as e:
         raise ValueError(f"{path} ({fmt} format): {e}") from None
     return params if dtype is None else {k: v.to(dtype) for k, v in params.items()}
+
+
+from hvfunc.vae.ckpt import load_vae, vae_from_official  # noqa: E402,F401

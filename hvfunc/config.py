@@ -179,3 +179,71 @@ def data_preset(name: str) -> DataConfig:
     if name not in DATA_PRESETS:
         raise ValueError(f"unknown data preset {name!r}; choose one of {sorted(DATA_PRESETS)}")
     return DATA_PRESETS[name]
+
+
+@dataclass(frozen=True, kw_only=True)
+class VAEConfig:
+    """Architecture of the causal 3D VAE ("884-16c-hy", official class `AutoencoderKLCausal3D`).
+
+    Field names are the official `vae/config.json` keys; hvfunc.vae.ckpt reads that file.
+    """
+
+    in_channels: int = 3
+    """Video channels in (RGB)."""
+    out_channels: int = 3
+    """Video channels out."""
+    latent_channels: int = 16
+    """Latent channels (the encoder emits 2x: mean and logvar)."""
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    """Widths of the encoder's down blocks (the decoder's up blocks use them reversed)."""
+    layers_per_block: int = 2
+    """ResNets per encoder down block; decoder up blocks hold one more."""
+    norm_num_groups: int = 32
+    """GroupNorm groups of every norm (eps 1e-6 throughout)."""
+    act_fn: Literal["silu", "swish"] = "silu"
+    """Activation ("swish" is the same function)."""
+    sample_size: int = 256
+    """Official default spatial tile in pixels (hvfunc.vae.Tiling's tile_sample_min_size)."""
+    sample_tsize: int = 64
+    """Official default temporal tile in frames (hvfunc.vae.Tiling's tile_sample_min_tsize)."""
+    scaling_factor: float = 0.476986
+    """Latents times this are what the DiT sees (no shift factor)."""
+    time_compression_ratio: int = 4
+    """Frames T -> (T - 1) / 4 + 1 latent frames; the official code supports only 4."""
+    spatial_compression_ratio: int = 8
+    """Pixels per latent along H and W (one stride-2 down block per factor of 2)."""
+    mid_block_add_attention: bool = True
+    """Single-head frame-causal self-attention between the two mid-block ResNets."""
+
+    def __post_init__(self) -> None:
+        n_space = self.spatial_compression_ratio.bit_length() - 1
+        if self.time_compression_ratio != 4:
+            raise ValueError(f"time_compression_ratio must be 4 (as upstream), got {self.time_compression_ratio}")
+        if 1 << n_space != self.spatial_compression_ratio or n_space >= len(self.block_out_channels):
+            raise ValueError(f"spatial_compression_ratio {self.spatial_compression_ratio} must be a power of 2 "
+                             f"below 2**len(block_out_channels) = {2 ** len(self.block_out_channels)}")
+        if len(self.block_out_channels) < 3:
+            raise ValueError(f"block_out_channels {self.block_out_channels} needs >= 3 blocks for 4x time")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every block_out_channels "
+                             f"entry {self.block_out_channels}")
+        if self.act_fn not in ("silu", "swish"):
+            raise ValueError(f"act_fn must be 'silu' (or its alias 'swish'), got {self.act_fn!r}")
+
+    def replace(self, **changes) -> VAEConfig:
+        return dataclasses.replace(self, **changes)
+
+
+VAE_PRESETS: dict[str, VAEConfig] = {
+    # The official 884-16c-hy VAE of HunyuanVideo and HunyuanVideo-I2V (pytorch_model.pt + config.json).
+    "hunyuan-video": VAEConfig(),
+    # Seconds on a CPU, same 16 latent channels and 4x / 8x8 compression: pairs with the tiny DiT.
+    "tiny": VAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=4),
+}
+
+
+def vae_preset(name: str) -> VAEConfig:
+    """Look up a VAE preset by name with an error that lists the valid ones."""
+    if name not in VAE_PRESETS:
+        raise ValueError(f"unknown VAE preset {name!r}; choose one of {sorted(VAE_PRESETS)}")
+    return VAE_PRESETS[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -40,3 +41,20 @@ def dit_inputs(cfg: DiTConfig, *, B: int = 2, T: int = 3, H: int = 8, W: int = 6
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def random_vae_params(cfg, seed: int = 0, gain: float = 1.5, dtype=torch.float32) -> Params:
+    """VAE weights N(0, gain^2 / fan_in) (activations stay O(1), so fp32 rounding is not blown up
+    by tiny signals), norm affines and biases perturbed away from 1 / 0."""
+    from hvfunc.vae import vae_spec
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, s in vae_spec(cfg).items():
+        noise = torch.randn(s.shape, generator=g)
+        if len(s.shape) > 1:
+            out[k] = noise * gain / math.sqrt(math.prod(s.shape[1:]))
+        else:
+            out[k] = (1.0 if "norm" in k and k.endswith("weight") else 0.0) + 0.2 * noise
+        out[k] = out[k].to(dtype)
+    return out

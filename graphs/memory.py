@@ -1,0 +1,59 @@
+"""Peak memory of one call, on CPU as well as on accelerators.
+
+CPU has no allocator statistics, so the CPU path runs the call under the PyTorch profiler
+with `profile_memory=True`: every allocation and free of the c10 CPU allocator (including
+kernels' internal buffers, such as conv3d's column buffers, and work on intra-op threads)
+is an event with a signed byte count, and the peak is the maximum of their running sum.
+CUDA (and NPU via torch_npu) use the allocator's own peak counter. Either way the result
+is the peak of bytes allocated during the call above the level at its start, so tensors
+that already existed (weights, inputs) are not counted and the returned output is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes held by the tensors in obj (a tensor, or a tuple / list / dict of them)."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(tensor_bytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(o) for o in obj.values())
+    return 0
+
+
+def _cpu_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    level = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        level += e.nbytes()
+        peak = max(peak, level)
+    return out, peak
+
+
+def _device_peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
+    mod = getattr(torch, device.type)  # torch.cuda, or torch.npu once torch_npu is imported
+    mod.synchronize(device)
+    mod.reset_peak_memory_stats(device)
+    start = mod.memory_allocated(device)
+    out = fn()
+    mod.synchronize(device)
+    return out, mod.max_memory_allocated(device) - start
+
+
+def peak_memory(fn: Callable[[], Any], *, device: torch.device | str = "cpu") -> tuple[Any, int]:
+    """(fn(), peak bytes allocated on `device` during the call above the starting level)."""
+    device = torch.device(device)
+    return _cpu_peak(fn) if device.type == "cpu" else _device_peak(fn, device)
