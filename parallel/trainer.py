@@ -152,6 +152,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     if runtime.is_main():
         cfg.out.mkdir(parents=True, exist_ok=True)
         (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+        _truncate_metrics(cfg.out / "metrics.jsonl", start)
     uncond_path = cfg.features / "uncond.safetensors"
     uncond = io.load_safetensors(uncond_path) if uncond_path.is_file() else None
     dtype = DTYPES[cfg.dtype]
@@ -170,6 +171,13 @@ def _epochs(ds, sampler: BucketSampler, workers: int):
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=workers)
         for k, batch in enumerate(loader, 1):
             yield batch, dict(sampler.state_dict(), epoch=epoch, position=pos0 + k)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after the checkpoint we resume from (steps that will be redone)."""
+    if path.is_file():
+        keep = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
+        io.write_atomic(path, "".join(x + "\n" for x in keep).encode())
 
 
 def _peak_mem_gb(device: torch.device) -> float:

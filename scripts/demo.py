@@ -1,58 +1,92 @@
-"""The README's first command: the tiny preset end to end on this machine.
+"""The README's first command: the tiny workflow end to end on this machine (CPU, minutes).
 
-Today: build the tiny DiT, write it as an official-format checkpoint, load it back
-through the real loader, and run T2V and I2V forwards on random latents and text.
-Later issues grow this into dataset -> features -> training -> sampling to mp4.
+1. a synthetic dataset in the real data.txt / data.json / videos/ format (moving shapes, captions)
+2. scripts/extract.py: tiny random VAE + LLaVA-Llama-3 + CLIP written as upstream's folders and
+   loaded by the real loaders; latents and text states per clip
+3. torchrun --nproc-per-node 2 scripts/train.py tiny: FSDP over 2 gloo ranks, DCP checkpoints,
+   metrics.jsonl
+4. a loss curve (loss.png) and the learning criterion: the mean loss of the last quarter of
+   the steps must be at most 0.9 x the first quarter's (exit code 1 otherwise)
+Every step is a real script run as a user would run it; rerunning resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import tempfile
-import time
+import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import tyro
 
-from hvfunc import ckpt, dit, params
-from hvfunc.config import dit_preset
-from hvfunc.dit_spec import dit_spec
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hvfunc.data.synthetic import make_dataset  # noqa: E402
 
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    preset: str = "tiny"
-    """DiT preset to run (see hvfunc.config.DIT_PRESETS)."""
-    out: Path | None = None
-    """Folder for the demo's files (a temporary folder when omitted)."""
+    out: Path = Path("runs/demo")
+    """Folder for everything the demo writes (data/, features/, train/)."""
+    clips: int = 8
+    """Synthetic clips to generate."""
+    ranks: int = 2
+    """Training processes (gloo, FSDP over all of them)."""
+    steps: int = 60
+    """Optimizer steps."""
+    task: str = "t2v"
+    """t2v, or i2v (token_replace: first-frame latent and LLaVA image input)."""
     seed: int = 0
-    """Seed for weights and inputs."""
 
 
-def main(cfg: DemoConfig) -> None:
-    out = cfg.out or Path(tempfile.mkdtemp(prefix="hvfunc-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (cfg.preset, f"{cfg.preset}-i2v"):
-        model = dit_preset(name)
-        p = params.init(dit_spec(model), generator=torch.Generator().manual_seed(cfg.seed))
-        path = out / f"{name}.pt"
-        torch.save({"module": ckpt.dit_to_official(p, model)}, path)  # the official file layout
-        loaded = ckpt.load_dit(path, model)
-        g = torch.Generator().manual_seed(cfg.seed + 1)
-        x = torch.randn(1, model.in_channels, 5, 16, 16, generator=g)
-        text = torch.randn(1, 24, model.text_states_dim, generator=g)
-        mask = (torch.arange(24) < 17).long()[None]
-        start = time.perf_counter()
-        with torch.no_grad():
-            v = dit.forward(loaded, x, torch.tensor([500.0]), text, mask,
-                            torch.randn(1, model.text_states_dim_2, generator=g), cfg=model,
-                            guidance=torch.tensor([6000.0]))
-        ms = (time.perf_counter() - start) * 1e3
-        print(f"{name:>10}: {params.count(p):,} params, checkpoint {path.name} reloaded, "
-              f"forward {tuple(x.shape)} -> {tuple(v.shape)} in {ms:.1f} ms, |v| max {v.abs().max():.1e} (0: final layer starts at zero, as upstream)")
-    print(f"files in {out}")
+def run(cmd: list[str], env: dict | None = None) -> None:
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def plot(losses: list[float], path: Path, width: int = 640, height: int = 360) -> None:
+    """Loss per step (grey) and its 8-step moving average (blue) as a PNG."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    pad, lo, hi = 40, min(losses), max(losses)
+    xy = lambda i, v: (pad + i * (width - 2 * pad) / max(1, len(losses) - 1),  # noqa: E731
+                       height - pad - (v - lo) / max(hi - lo, 1e-9) * (height - 2 * pad))
+    d.rectangle([pad, pad, width - pad, height - pad], outline="black")
+    d.line([xy(i, v) for i, v in enumerate(losses)], fill=(170, 170, 170), width=1)
+    avg = [sum(losses[max(0, i - 7):i + 1]) / len(losses[max(0, i - 7):i + 1]) for i in range(len(losses))]
+    d.line([xy(i, v) for i, v in enumerate(avg)], fill=(30, 90, 220), width=3)
+    d.text((pad, 10), f"training loss, {len(losses)} steps (max {hi:.3f}, min {lo:.3f})", fill="black")
+    d.text((pad, height - pad + 10), "step", fill="black")
+    img.save(path)
+
+
+def main(cfg: DemoConfig) -> int:
+    out = cfg.out.resolve()
+    data_txt = make_dataset(out / "data", num_clips=cfg.clips, num_folders=2, seed=cfg.seed)
+    print(f"dataset: {data_txt}", flush=True)
+    py = sys.executable
+    run([py, "scripts/extract.py", "--data", str(data_txt), "--out", str(out / "features"), "--models.preset",
+         "tiny", "--task", cfg.task, "--device", "cpu", "--seed", str(cfg.seed)])
+    preset = "tiny-i2v" if cfg.task == "i2v" else "tiny"
+    run([py, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.ranks), "scripts/train.py", preset,
+         "--features", str(out / "features"), "--out", str(out / "train"), "--steps", str(cfg.steps),
+         "--seed", str(cfg.seed)], env={"OMP_NUM_THREADS": "1"})
+    losses = [json.loads(x)["loss"] for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    plot(losses, out / "train" / "loss.png")
+    q = max(1, len(losses) // 4)
+    first, last = sum(losses[:q]) / q, sum(losses[-q:]) / q
+    learned = last <= 0.9 * first
+    print(f"\nloss: first quarter mean {first:.4f}, last quarter mean {last:.4f} (ratio {last / first:.2f}; "
+          f"criterion <= 0.90): {'LEARNED' if learned else 'NOT LEARNED'}")
+    print(f"checkpoint: {(out / 'train' / 'checkpoints' / 'latest').read_text()}, metrics: "
+          f"{out / 'train' / 'metrics.jsonl'}, curve: {out / 'train' / 'loss.png'}")
+    return 0 if learned else 1
 
 
 if __name__ == "__main__":
-    main(tyro.cli(DemoConfig))
+    sys.exit(main(tyro.cli(DemoConfig)))
