@@ -103,6 +103,10 @@ def load(a: ExtractArgs) -> ex.Models:
 def main(a: ExtractArgs) -> None:
     device = runtime.init(a.device)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:  # temp files of a killed run: their clips are redone below
+        for tmp in (a.out / "samples").glob(".*.tmp*"):
+            tmp.unlink()
+    dist.barrier()
     ds = build_dataset(a.data, data_preset(a.data_preset).replace(cp=a.cp), seed=a.seed)
     models = load(a)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]

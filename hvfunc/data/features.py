@@ -47,6 +47,8 @@ def build_index(root: str | Path) -> list[dict]:
     root = Path(root)
     records = []
     for f in sorted((root / "samples").glob("*.safetensors")):
+        if f.name.startswith("."):  # a temp file of an interrupted write
+            continue
         try:
             records.append(json.loads(io.safetensors_metadata(f)["record"]))
         except Exception as e:  # noqa: BLE001 - a damaged file is reported by FeatureDataset

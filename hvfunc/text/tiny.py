@@ -4,7 +4,7 @@
   templates, the Llama-3 split rule and its chat special tokens (plus LLaVA's <pad>,
   <image>); its token counts differ from Llama-3's, so templates are measured
   (templates.fit(strict=False)).
-- `clip_tokenizer`: a small CLIP-like BPE (lowercase, BOS/EOS, pad = EOS).
+- `clip_tokenizer`: a CLIP-like character tokenizer (lowercase, BOS/EOS, pad = EOS).
 - tiny random LlamaModel / CLIPTextModel / LlavaForConditionalGeneration (the vision tower
   keeps ViT-L/14-336's geometry by default: 336 px, patch 14 -> 576 image features).
 `write_tiny_encoders` saves them as upstream's folders so the real loaders read them.
@@ -60,14 +60,17 @@ def tiny_llama3_tokenizer():
 
 @functools.cache
 def clip_tokenizer():
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    """CLIP-like: lowercase, whitespace words, BOS/EOS, pad = EOS; one token per character
+    (a BPE without merges, built from a fixed vocabulary so every process gets the same one:
+    a trained BPE breaks ties differently from run to run)."""
+    s, e = "<|startoftext|>", "<|endoftext|>"
+    chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
+    vocab = {tok: i for i, tok in enumerate([s, e] + chars + [c + "</w>" for c in chars])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], end_of_word_suffix="</w>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|startoftext|>", "<|endoftext|>"],
-                                  end_of_word_suffix="</w>", show_progress=False)
-    tok.train_from_iterator(CORPUS[:2] + ["a an the of in on and with"], trainer)
-    s, e = "<|startoftext|>", "<|endoftext|>"
+    tok.add_special_tokens([s, e])
     tok.post_processor = processors.TemplateProcessing(
         single=f"{s} $A {e}", special_tokens=[(s, tok.token_to_id(s)), (e, tok.token_to_id(e))])
     return fast(tok, bos_token=s, eos_token=e, pad_token=e)
