@@ -1,0 +1,51 @@
+"""Memory planning of the full model without hardware: meta DTensors on any mesh.
+
+`per_rank` places every leaf of a spec with the real sharding plan (parallel.plan) on
+meta tensors and reads the local shapes rank `rank` would hold. Training memory per
+rank = params (fp32) + grads (fp32) + AdamW's two states (fp32) = 16 bytes per local
+parameter, plus the compute-dtype copy of the one block being gathered at a time.
+Run it under any process group of the right size, e.g. the "fake" backend with a
+FakeStore (scripts/plan_memory.py, tests/test_planning.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributed.tensor import Shard
+
+from hvfunc.params import Spec, abstract
+from parallel import plan
+from parallel.mesh import Meshes
+
+TRAIN_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 master weight, fp32 grad, AdamW exp_avg + exp_avg_sq
+
+
+def expected_local(shape: tuple[int, ...], placements, mesh_shape: tuple[int, ...], coords: tuple[int, ...]) -> int:
+    """Elements a rank holds by arithmetic: each Shard(d) over a mesh dim of size n gives
+    this rank its chunk of dim d (torch.chunk sizes: ceil(size / n), the last ones smaller)."""
+    local = list(shape)
+    for p, n, c in zip(placements, mesh_shape, coords):
+        if isinstance(p, Shard):
+            size, step = local[p.dim], -(-local[p.dim] // n)
+            local[p.dim] = max(0, min(step, size - c * step))
+    return math.prod(local)
+
+
+def per_rank(spec: Spec, meshes: Meshes) -> dict[str, int]:
+    """Local element count of every leaf on this rank (from meta DTensors)."""
+    params = plan.shard(abstract(spec, dtype=torch.float32), plan.plan(spec, meshes), meshes)
+    return {k: v.to_local().numel() for k, v in params.items()}
+
+
+def block_gather_bytes(spec: Spec, meshes: Meshes, dtype_bytes: int = 2) -> int:
+    """Largest single block gathered for compute (full over the data axes, split over tp)."""
+    tp = meshes.size("tp")
+    sizes: dict[str, int] = {}
+    for k, s in spec.items():
+        if k.startswith(("double_blocks.", "single_blocks.")):
+            block = ".".join(k.split(".")[:2])
+            d = plan.tp_dim(k, s) if tp > 1 else None
+            sizes[block] = sizes.get(block, 0) + math.prod(s.shape) // (tp if d is not None else 1)
+    return max(sizes.values(), default=0) * dtype_bytes
