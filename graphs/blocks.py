@@ -71,7 +71,8 @@ _ATTN_OPS = tuple(getattr(torch.ops.aten, n) for n in (
 
 
 def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _ATTN_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    packet = getattr(op, "overloadpacket", op)  # the policy sees overloads (aten.x.default)
+    return CheckpointPolicy.MUST_SAVE if packet in _ATTN_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def with_recompute(fn: Callable, mode: Literal["none", "full", "selective"]) -> Callable:

@@ -1,0 +1,58 @@
+"""Recompute changes memory and work, never results: measured peak memory and attention calls."""
+
+import collections
+
+import torch
+from conftest import dit_inputs, random_params
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from graphs.blocks import Recompute, make_blocks
+from graphs.memory import peak_memory
+from hvfunc import dit
+from hvfunc.config import DIT_PRESETS
+
+
+class _CountAttention(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if "scaled_dot_product" in name:
+            self.n["backward" if "backward" in name else "forward"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_recompute_cuts_memory_keeps_results_and_selective_keeps_attention():
+    cfg = DIT_PRESETS["tiny"].replace(hidden_size=128, rope_dim_list=(8, 12, 12), mm_double_blocks_depth=3,
+                                      mm_single_blocks_depth=4)
+    params = {k: v.requires_grad_(True) for k, v in random_params(cfg, scale=0.05).items()}
+    inp = dit_inputs(cfg, T=4, H=16, W=16)
+    blocks_total = cfg.mm_double_blocks_depth + cfg.mm_single_blocks_depth
+
+    def step(rc):
+        def run():
+            for v in params.values():
+                v.grad = None
+            loss = dit.forward(params, **inp, cfg=cfg, blocks=make_blocks(recompute=rc)).square().mean()
+            loss.backward()
+            return loss.detach(), {k: v.grad.clone() for k, v in params.items()}
+        return run
+
+    out = {}
+    for name, rc in (("none", Recompute()), ("full", Recompute(double_full=3, single_full=4)),
+                     ("selective", Recompute(selective=True))):
+        (loss, grads), peak = peak_memory(step(rc))
+        with _CountAttention() as count:
+            step(rc)()
+        out[name] = (loss, grads, peak, count.n)
+    loss0, grads0, peak0, n0 = out["none"]
+    for name in ("full", "selective"):
+        loss, grads, peak, n = out[name]
+        assert torch.equal(loss, loss0)
+        assert all(torch.allclose(grads[k], grads0[k], rtol=1e-5, atol=1e-7) for k in grads0), name
+        assert peak < 0.5 * peak0, (name, peak, peak0)
+    refiner = cfg.text_refiner_depth
+    assert out["full"][3]["forward"] == refiner + 2 * blocks_total  # blocks recompute their attention
+    assert out["selective"][3]["forward"] == n0["forward"] == refiner + blocks_total  # kept, not redone
