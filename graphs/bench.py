@@ -17,8 +17,8 @@ import torch
 
 
 def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device.type != "cpu":  # torch.cuda, or torch.npu once torch_npu is imported
+        getattr(torch, device.type).synchronize(device)
 
 
 def median_seconds(fn: Callable[[], object], *, device: torch.device, warmup: int = 1, repeats: int = 5) -> float:
@@ -70,7 +70,10 @@ def machine() -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
-def markdown(rows: list[dict], cols: list[str]) -> str:
+def markdown(rows: list[dict], cols: list[str] | None = None) -> str:
+    """A markdown table; `cols` defaults to every key, in first-seen order."""
+    cols = cols or list(dict.fromkeys(k for r in rows for k in r))
+
     def fmt(v: object) -> str:
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"

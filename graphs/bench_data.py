@@ -2,7 +2,7 @@
 
 Each case opens a clip and decodes one training window (the frames hvfunc.data would
 read: resampled to 24 fps, a window of `window` frames starting mid-clip), one decoder
-thread each; the median of `repeats` runs is reported. Run: python graphs/bench_data.py
+thread each; the median of `repeats` runs is reported. Run: python scripts/bench.py decode
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import tyro
 
 from hvfunc.data import synthetic
 from hvfunc.data.video import decode, resample
@@ -49,22 +48,17 @@ def bench_decode(formats: tuple[tuple[int, int, int, int], ...] = FORMATS, *, wi
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    out = ["| clip | frames read | decord ms | PyAV ms | PyAV / decord |", "|---|---:|---:|---:|---:|"]
-    out += [f"| {r['clip']} | {r['frames']} | {r['decord_ms']:.1f} | {r['pyav_ms']:.1f} | {r['pyav/decord']:.2f} |"
-            for r in rows]
-    return "\n".join(out)
-
-
 @dataclass(frozen=True, kw_only=True)
-class BenchConfig:
+class DecodeBench:
+    """Video decode per clip, decord vs PyAV (one decoder thread each)."""
+
     window: int = 33
     """Frames decoded per clip (a training window)."""
     repeats: int = 5
     """Timed runs per case; the median is reported."""
+    json: Path | None = None
+    """Also write the rows (and the machine) as JSON here."""
 
 
-if __name__ == "__main__":
-    cfg = tyro.cli(BenchConfig)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, one decoder thread per backend")
-    print(table(bench_decode(window=cfg.window, repeats=cfg.repeats)))
+def run(b: DecodeBench) -> list[dict]:
+    return bench_decode(window=b.window, repeats=b.repeats)

@@ -3,18 +3,19 @@
 Same random weights, same latents, same process and device. Time is the median of
 `repeats` runs after one warm-up; peak memory is graphs.memory's (bytes allocated during
 the call, output included). Ratios are ours / diffusers: below 1 is better for us.
-Run: python -m graphs.bench_vae [--preset tiny --frames 33 --size 128 ...]
+Run: python scripts/bench.py vae [--preset tiny --frames 33 --height 128 ...]
 """
 
 from __future__ import annotations
 
 import functools
-import statistics
-import time
-from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
 
+from graphs import bench
 from graphs.memory import peak_memory
 from hvfunc import params as hp
 from hvfunc import vae
@@ -45,18 +46,26 @@ def diffusers_vae(cfg: VAEConfig, params: dict | None = None, tiling: vae.Tiling
     return m
 
 
-def _median_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    fn()  # warm-up: oneDNN / cuDNN pick kernels per shape on first use
-    times = []
-    for _ in range(repeats):
-        if device.type != "cpu":
-            getattr(torch, device.type).synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type != "cpu":
-            getattr(torch, device.type).synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+@dataclass(frozen=True, kw_only=True)
+class VAEBench:
+    """VAE decode, untiled and tiled, ours vs diffusers' AutoencoderKLHunyuanVideo."""
+
+    preset: str = "tiny"
+    """VAE preset (tiny, hunyuan-video)."""
+    frames: int = 33
+    height: int = 128
+    width: int = 128
+    repeats: int = 3
+    device: str = "cpu"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    json: Path | None = None
+    """Also write the rows (and the machine) as JSON here."""
+
+
+def run(b: VAEBench) -> list[dict]:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[b.dtype]
+    return bench_vae(preset=b.preset, frames=b.frames, height=b.height, width=b.width, repeats=b.repeats,
+                     device=b.device, dtype=dtype)
 
 
 @torch.no_grad()
@@ -88,7 +97,7 @@ def bench_vae(*, preset: str = "tiny", cfg: VAEConfig | None = None, frames: int
         y, ours_peak = peak_memory(ours_fn, device=dev)
         y_ref, ref_peak = peak_memory(ref_fn, device=dev)
         err = float((y.double() - y_ref.double()).abs().max() / y_ref.double().abs().max())
-        ours_s, ref_s = _median_time(ours_fn, repeats, dev), _median_time(ref_fn, repeats, dev)
+        ours_s, ref_s = (bench.median_seconds(f, device=dev, repeats=repeats) for f in (ours_fn, ref_fn))
         rows.append({"case": f"decode {name}", "video": f"{frames}x{height}x{width}",
                      "tiles": "-" if til is None else f"{til.tile_sample_min_size}px/{til.tile_sample_min_tsize}f",
                      "ours_s": ours_s, "diffusers_s": ref_s, "time_ratio": ours_s / ref_s,
@@ -96,27 +105,3 @@ def bench_vae(*, preset: str = "tiny", cfg: VAEConfig | None = None, frames: int
                      "peak_ratio": ours_peak / ref_peak, "max_rel_err": err})
         del ref, y, y_ref
     return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    """A markdown table of bench_vae rows."""
-    cols = list(rows[0])
-    fmt = {float: "{:.3g}"}
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt.get(type(r[c]), "{}").format(r[c]) for c in cols) + " |")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import tyro
-
-    def main(preset: str = "tiny", frames: int = 33, size: int = 128, repeats: int = 3, device: str = "cpu",
-             dtype: str = "float32") -> None:
-        """Print the decode benchmark table (ours vs diffusers) for a square video of `size` px."""
-        rows = bench_vae(preset=preset, frames=frames, height=size, width=size, repeats=repeats, device=device,
-                         dtype=getattr(torch, dtype))
-        print(f"torch {torch.__version__}, {device}, {dtype}, preset {preset}, threads {torch.get_num_threads()}")
-        print(format_table(rows))
-
-    tyro.cli(main)
