@@ -52,18 +52,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, 
     return 2 * n ** 3 / sec
 
 
-def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Peak bytes allocated during fn on CUDA (None elsewhere)."""
-    if device.type != "cuda":
-        return None
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    sync(device)
-    return torch.cuda.max_memory_allocated(device) - base
-
-
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"

@@ -14,7 +14,8 @@ from typing import Literal
 import torch
 
 from graphs import bench
-from graphs.blocks import Compile, make_blocks
+from graphs.blocks import Compile, Recompute, make_blocks
+from graphs.memory import peak_memory
 from hvfunc import ckpt, dit
 from hvfunc.config import DiTConfig
 from hvfunc.dit_spec import dit_spec
@@ -59,6 +60,9 @@ class DiTBench:
     """Also time forward+backward (gradients of every weight)."""
     compile: Literal["none", "inductor", "aot_eager"] = "none"
     """Also time our blocks compiled with this backend (rows "hvfunc+compile")."""
+    recompute: bool = False
+    """Training-step memory mode: ours with full recompute of every block, diffusers with
+    its gradient checkpointing (forward+backward rows)."""
     json: Path | None = None
     """Also write the rows (and the machine) as JSON here."""
 
@@ -70,6 +74,14 @@ class DiTBench:
                          mm_single_blocks_depth=self.single, rope_dim_list=(t, h, K - t - h),
                          text_states_dim=self.text_dim, text_states_dim_2=min(768, self.text_dim),
                          i2v_condition_type="token_replace" if self.i2v else None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainBench(DiTBench):
+    """A training step: ours with full recompute vs diffusers with gradient checkpointing."""
+
+    recompute: bool = True
+    """Training-step memory mode (see DiTBench.recompute)."""
 
 
 def _inputs(b: DiTBench, cfg: DiTConfig, device: torch.device) -> dict:
@@ -107,7 +119,14 @@ def bench_dit(b: DiTBench) -> list[dict]:
     if b.backward:
         for v in params.values():
             v.requires_grad_(True)
-        leaves = {k: list(ref.parameters()) if k == "diffusers" else list(params.values()) for k in impls}
+        if b.recompute:
+            full = make_blocks(recompute=Recompute(double_full=b.double, single_full=b.single),
+                               compile=Compile(backend=b.compile if b.compile != "none" else "none"))
+            impls = {"hvfunc+recompute": lambda: dit.forward(params, **inp, cfg=cfg, blocks=full),
+                     "diffusers+checkpointing": impls["diffusers"]}
+            ref.enable_gradient_checkpointing()
+            ref.train()
+        leaves = {k: list(ref.parameters()) if k.startswith("diffusers") else list(params.values()) for k in impls}
 
         def step(fn, ps):
             def run():
@@ -124,18 +143,15 @@ def bench_dit(b: DiTBench) -> list[dict]:
 
 
 def _rows(what: str, impls: dict, device: torch.device, repeats: int, tokens: int, peak: float) -> list[dict]:
-    """One row per implementation; FLOPs counted once on our eager run; ratio = time / diffusers' time."""
-    flops = bench.count_flops(impls["hvfunc"])
+    """One row per implementation (the last is the reference); FLOPs counted once on the first;
+    ratio = time / the reference's time."""
+    flops = bench.count_flops(next(iter(impls.values())))
     out = []
     for impl, fn in impls.items():
         sec = bench.median_seconds(fn, device=device, repeats=repeats, warmup=2 if "compile" in impl else 1)
         out.append(dict(bench=f"dit {what}", impl=impl, seconds=sec, tokens_per_s=tokens / sec,
-                        tflops=flops / sec / 1e12, mfu=flops / sec / peak, peak_mem_gb=_gb(bench.cuda_peak_bytes(fn, device))))
+                        tflops=flops / sec / 1e12, mfu=flops / sec / peak, peak_mem_gb=peak_memory(fn, device=device)[1] / 2**30))
     ref = out[-1]["seconds"]
     for r in out[:-1]:
         r["ratio"] = r["seconds"] / ref
     return out
-
-
-def _gb(n: int | None) -> float | None:
-    return None if n is None else n / 2 ** 30

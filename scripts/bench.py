@@ -2,6 +2,8 @@
 
     python scripts/bench.py dit                          # small CPU config, fp32
     python scripts/bench.py dit --hidden 3072 --heads 24 --device cuda --dtype bf16 ...
+    python scripts/bench.py train                        # a training step: ours with full recompute vs
+                                                         # diffusers with gradient checkpointing
     python scripts/bench.py vae [--preset hunyuan-video --frames 9 --height 128 --width 128]
     python scripts/bench.py decode          # decord vs PyAV per clip
 
@@ -19,10 +21,10 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from graphs import bench, bench_data, bench_vae  # noqa: E402
-from graphs.bench_dit import DiTBench, bench_dit  # noqa: E402
+from graphs.bench_dit import DiTBench, TrainBench, bench_dit  # noqa: E402
 
 COLS = {"dit": ["bench", "impl", "seconds", "ratio", "tokens_per_s", "tflops", "mfu", "peak_mem_gb", "dtype"]}
-BENCHES = {"dit": (DiTBench, bench_dit), "vae": (bench_vae.VAEBench, bench_vae.run),
+BENCHES = {"dit": (DiTBench, bench_dit), "train": (TrainBench, bench_dit), "vae": (bench_vae.VAEBench, bench_vae.run),
            "decode": (bench_data.DecodeBench, bench_data.run)}
 
 

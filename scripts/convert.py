@@ -5,6 +5,7 @@
     python scripts/convert.py dit --source hunyuanvideo/transformer --target dit.safetensors
     python scripts/convert.py dit --source dit.safetensors --target transformer/ --to diffusers
 
+    python scripts/convert.py export --checkpoint runs/t2v/train/checkpoints --target dit.pt --to official
     python scripts/convert.py text-encoder --source llava-llama-3-8b-v1_1-transformers --target ckpts/text_encoder
 
 DiT: the source format is detected from its keys; every conversion is exact (reshapes,
@@ -15,7 +16,6 @@ and tokenizer (fp16). Outputs are written atomically.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,29 +53,62 @@ class DitArgs:
     """Cast the weights on the way (the official checkpoint is bf16)."""
 
 
-def convert_dit(a: DitArgs) -> Path:
-    cfg = dit_preset(a.preset)
-    params = ckpt.load_dit(a.source, cfg, source=a.source_format, key=a.key, dtype=DTYPES[a.dtype])
-    meta = {"format": a.to, "preset": a.preset, "source": str(a.source)}
-    if a.to == "hvfunc":
-        io.save_safetensors(params, a.target, metadata=meta)
-    elif a.to == "official":
+def write_dit(params: dict, preset: str, target: Path, to: str, source: str) -> Path:
+    """Write hvfunc params in the `to` layout (atomic files)."""
+    cfg = dit_preset(preset)
+    meta = {"format": to, "preset": preset, "source": source}
+    if to == "hvfunc":
+        io.save_safetensors(params, target, metadata=meta)
+    elif to == "official":
         sd = ckpt.dit_to_official(params, cfg)
-        if a.target.suffix == ".pt":
-            io.save_pickle({"module": sd}, a.target)
+        if target.suffix == ".pt":
+            io.save_pickle({"module": sd}, target)
         else:
-            io.save_safetensors(sd, a.target, metadata=meta)
+            io.save_safetensors(sd, target, metadata=meta)
     else:
-        if a.target.suffix:
-            raise ValueError(f"--to diffusers writes a folder; got the file name {a.target}")
-        a.target.mkdir(parents=True, exist_ok=True)
-        io.save_safetensors(ckpt.dit_to_diffusers(params, cfg), a.target / "diffusion_pytorch_model.safetensors",
+        if target.suffix:
+            raise ValueError(f"--to diffusers writes a folder; got the file name {target}")
+        io.save_safetensors(ckpt.dit_to_diffusers(params, cfg), target / "diffusion_pytorch_model.safetensors",
                             metadata={"format": "pt"})
-        tmp = a.target / ".config.json.tmp"
-        tmp.write_text(json.dumps(ckpt.diffusers_config(cfg), indent=2))
-        os.replace(tmp, a.target / "config.json")
-    print(f"wrote {a.target} ({a.to}, {len(params)} hvfunc leaves, preset {a.preset})")
-    return a.target
+        io.write_atomic(target / "config.json", json.dumps(ckpt.diffusers_config(cfg), indent=2).encode())
+    print(f"wrote {target} ({to}, {len(params)} hvfunc leaves, preset {preset})")
+    return target
+
+
+def convert_dit(a: DitArgs) -> Path:
+    params = ckpt.load_dit(a.source, dit_preset(a.preset), source=a.source_format, key=a.key, dtype=DTYPES[a.dtype])
+    return write_dit(params, a.preset, a.target, a.to, str(a.source))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportArgs:
+    """Export the weights of a training checkpoint (DCP, any mesh) without a process group."""
+
+    checkpoint: Path
+    """A step-* folder, or a run's checkpoints/ folder (its latest complete checkpoint)."""
+    target: Path
+    """As for `dit`: a .safetensors / .pt file, or a folder for diffusers."""
+    to: Literal["hvfunc", "official", "diffusers"] = "hvfunc"
+    preset: str | None = None
+    """Architecture; None reads the model the run trained (trainer.json)."""
+    dtype: Literal["keep", "fp32", "bf16", "fp16"] = "bf16"
+    """Training keeps fp32 weights; the official checkpoint is bf16."""
+
+
+def export(a: ExportArgs) -> Path:
+    from hvfunc.dit_spec import dit_spec
+    from parallel import checkpoint
+
+    path = checkpoint.latest(a.checkpoint) or a.checkpoint
+    state = json.loads((path / checkpoint.STATE_FILE).read_text()) if (path / checkpoint.STATE_FILE).is_file() else {}
+    if not (path / checkpoint.STATE_FILE).is_file():
+        raise FileNotFoundError(f"{a.checkpoint} holds no complete training checkpoint (no step-*/trainer.json)")
+    preset = a.preset or state["model"]
+    shapes = {k: s.shape for k, s in dit_spec(dit_preset(preset)).items()}
+    params = checkpoint.load_params_single_process(path, shapes)
+    if DTYPES[a.dtype] is not None:
+        params = {k: v.to(DTYPES[a.dtype]) for k, v in params.items()}
+    return write_dit(params, preset, a.target, a.to, str(path))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,7 +133,8 @@ def text_encoder(args: TextEncoderArgs) -> Path:
     return out
 
 
-COMMANDS = {"dit": (DitArgs, convert_dit), "text-encoder": (TextEncoderArgs, text_encoder)}
+COMMANDS = {"dit": (DitArgs, convert_dit), "export": (ExportArgs, export),
+            "text-encoder": (TextEncoderArgs, text_encoder)}
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -107,3 +107,32 @@ def test_non_finite_steps_are_skipped_then_stop(tmp):
     with pytest.raises(Exception):
         _spawn_train(1, [_cfg(feats, tmp / "stop", steps=6, max_bad_steps=0)], tmp)
     assert checkpoint.latest(tmp / "stop" / "checkpoints") is not None
+
+
+def test_export_and_init_from(tmp):
+    """convert.py export writes the trained weights; --init-from reads them back (and fails loudly)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import convert
+
+    feats = make_features(tmp / "feats")
+    _spawn_train(1, [_cfg(feats, tmp / "a", steps=2)], tmp)
+    convert.main(["export", "--checkpoint", str(tmp / "a" / "checkpoints"), "--target", str(tmp / "w.pt"),
+                  "--to", "official", "--dtype", "keep"])
+    from hvfunc import ckpt
+
+    exported = ckpt.load_dit(tmp / "w.pt", DIT_PRESETS["tiny"])
+    trained = _final_params(tmp / "a")
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    (l0,) = _spawn_train(1, [_cfg(feats, tmp / "b", steps=1, init_from=tmp / "w.pt")], tmp)
+    (l1,) = _spawn_train(1, [_cfg(feats, tmp / "c", steps=1)], tmp)
+    assert l0 != l1  # started from the trained weights, not from scratch
+    with pytest.raises(Exception):
+        _spawn_train(1, [_cfg(feats, tmp / "d", steps=1, init_from=tmp / "missing.pt")], tmp)
+    bad = torch.load(tmp / "w.pt", weights_only=True)
+    del bad["module"]["final_layer.linear.bias"]
+    torch.save(bad, tmp / "bad.pt")
+    with pytest.raises(Exception):  # mismatched weights: never a silent start from random init
+        _spawn_train(1, [_cfg(feats, tmp / "e", steps=1, init_from=tmp / "bad.pt")], tmp)
+    assert not (tmp / "e" / "metrics.jsonl").exists()
