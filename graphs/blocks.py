@@ -14,6 +14,7 @@ Recompute modes (per stream, like the seed's double/single_stream_full_recompute
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from hvfunc import dit
 from hvfunc.params import Params
 
-Backend = Literal["none", "inductor", "aot_eager", "eager", "torchair"]
+Backend = Literal["none", "auto", "inductor", "aot_eager", "eager", "torchair"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +46,8 @@ class Compile:
     """torch.compile of the block functions."""
 
     backend: Backend = "none"
-    """inductor (CPU/CUDA), torchair (Ascend NPU), aot_eager / eager (debugging), none."""
+    """auto (by device: inductor on CPU/CUDA, torchair on NPU), inductor, torchair (Ascend,
+    unverified here), aot_eager / eager (debugging), none."""
     dynamic: bool | None = None
     """None: dynamo makes a dim dynamic once it changes (training buckets); False: static."""
     mode: str | None = None
@@ -96,7 +98,7 @@ def compiled(fn: Callable, c: Compile, backend_fn: Callable | None = None) -> Ca
 
 def make_blocks(*, prepare: Callable[[Params], Params] | None = None, recompute: Recompute = Recompute(),
                 compile: Compile = Compile(), backend_fn: Callable | None = None,
-                dtensor_params: bool = False) -> dit.Blocks:
+                dtensor_params: bool = False, device: torch.device | str = "cpu") -> dit.Blocks:
     """Blocks with gather/cast, recompute and compile applied (one compiled graph per mode).
 
     backend_fn: a dynamo backend callable that overrides compile.backend (tests count
@@ -106,6 +108,8 @@ def make_blocks(*, prepare: Callable[[Params], Params] | None = None, recompute:
     compiled block instead. That is exact, but a selective policy cannot see inside the
     compiled graph: it recomputes the whole block like "full"."""
     cache: dict[tuple[str, str], Callable] = {}
+    if compile.backend == "auto":
+        compile = dataclasses.replace(compile, backend=default_backend(device))
 
     def fn_for(kind: str, i: int) -> Callable:
         full = recompute.double_full if kind == "double" else recompute.single_full

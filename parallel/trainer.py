@@ -121,6 +121,20 @@ def _with_dropout(batch: dict, drop: list[bool], uncond: dict | None) -> dict:
     return out
 
 
+def _check_buckets(keys: list[tuple[int, ...]], model, meshes) -> None:
+    """Every latent shape must patchify and split over cp: fail before the first step, not at it."""
+    cp, bad = meshes.size("cp"), set()
+    for c, t, h, w in set(keys):
+        grid = [n // p for n, p in zip((t, h, w), model.patch_size)]
+        if c != model.in_channels or any(n % p for n, p in zip((t, h, w), model.patch_size)) or \
+                (grid[0] * grid[1] * grid[2]) % cp:
+            bad.add((c, t, h, w))
+    if bad:
+        raise ValueError(f"latent shapes {sorted(bad)} do not fit the model (in_channels {model.in_channels}, "
+                         f"patch {model.patch_size}) or do not split over cp = {cp}: re-extract with "
+                         f"--cp {cp} (latent frames divisible by cp) or change the parallel layout")
+
+
 def _params(cfg: TrainConfig, meshes, device: torch.device):
     model = dit_preset(cfg.model)
     spec = dit_spec(model)
@@ -140,6 +154,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     meshes.cfg.check_model(model)
     task = "i2v" if model.i2v_condition_type else "t2v"
     ds = FeatureDataset(cfg.features, task=task)
+    _check_buckets(ds.keys(), model, meshes)
     sampler = BucketSampler(group(ds.keys()), batch_size=cfg.batch_size, rank=meshes.data_rank,
                             world_size=meshes.data_world, seed=cfg.seed)
     opt = optim.make_optimizer(params, cfg.optim)
@@ -157,7 +172,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     uncond = io.load_safetensors(uncond_path) if uncond_path.is_file() else None
     dtype = DTYPES[cfg.dtype]
     blocks = make_blocks(prepare=functools.partial(plan.gather_tree, dtype=dtype), recompute=cfg.recompute,
-                         compile=cfg.compile, dtensor_params=True)
+                         compile=cfg.compile, dtensor_params=True, device=device)
     attn = attention.get(cfg.attention)
     guidance = None if not model.guidance_embed else (cfg.guidance if cfg.guidance is not None else 1.0) * 1000
     return _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, guidance, dtype, device, start)

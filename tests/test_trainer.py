@@ -136,3 +136,17 @@ def test_export_and_init_from(tmp):
     with pytest.raises(Exception):  # mismatched weights: never a silent start from random init
         _spawn_train(1, [_cfg(feats, tmp / "e", steps=1, init_from=tmp / "bad.pt")], tmp)
     assert not (tmp / "e" / "metrics.jsonl").exists()
+
+
+def test_bucket_shapes_are_checked_before_training():
+    from types import SimpleNamespace
+
+    from parallel.trainer import _check_buckets
+
+    cp2 = SimpleNamespace(size=lambda axis: 2 if axis == "cp" else 1)
+    model = DIT_PRESETS["tiny"]
+    _check_buckets([(16, 3, 8, 8), (16, 2, 8, 8)], model, cp2)  # 48 and 32 tokens: fine
+    with pytest.raises(ValueError, match=r"\(16, 3, 6, 6\).*cp = 2"):  # 27 tokens
+        _check_buckets([(16, 3, 8, 8), (16, 3, 6, 6)], model, cp2)
+    with pytest.raises(ValueError, match="in_channels 16"):
+        _check_buckets([(4, 3, 8, 8)], model, cp2)
