@@ -62,3 +62,48 @@ class DecodeBench:
 
 def run(b: DecodeBench) -> list[dict]:
     return bench_decode(window=b.window, repeats=b.repeats)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractBench:
+    """Feature extraction throughput (clips/s) with the tiny models, one process."""
+
+    clips: int = 16
+    """Synthetic clips to extract."""
+    batch_size: int = 2
+    task: str = "t2v"
+    json: Path | None = None
+    """Also write the rows (and the machine) as JSON here."""
+
+
+def run_extract(b: ExtractBench) -> list[dict]:
+    """Decode + VAE encode (tiled) + LLM + CLIP per clip, timed over the whole set after a warm-up batch."""
+    import json as _json
+    from dataclasses import asdict
+
+    from hvfunc import io, params, vae
+    from hvfunc.config import VAE_PRESETS, data_preset
+    from hvfunc.data import extract as ex
+    from hvfunc.data.dataset import build_dataset
+    from hvfunc.text.load import load_encoders
+    from hvfunc.text.tiny import write_tiny_encoders
+    from hvfunc.vae.ckpt import load_vae
+
+    with tempfile.TemporaryDirectory(prefix="hvfunc-bench-extract-") as tmp:
+        root = Path(tmp)
+        data_txt = synthetic.make_dataset(root / "data", num_clips=b.clips, seed=0)
+        cfg = VAE_PRESETS["tiny"]
+        io.save_pickle(params.init(vae.vae_spec(cfg)), root / "vae" / "pytorch_model.pt")
+        io.write_atomic(root / "vae" / "config.json", _json.dumps(asdict(cfg)).encode())
+        llm, clip = write_tiny_encoders(root, i2v=b.task == "i2v")
+        vp, vcfg = load_vae(root / "vae")
+        models = ex.Models(vae=vp, vae_cfg=vcfg, text=load_encoders(llm, clip, strict=False, dtype=torch.float32),
+                           tiling=vae.Tiling())
+        ds = build_dataset(data_txt, data_preset("tiny"))
+        batches = ex.plan_batches(ds, b.batch_size)
+        dev = torch.device("cpu")
+        ex.extract(models, ds, batches[0], seed=0, task=b.task, device=dev)  # warm-up
+        t = time.perf_counter()
+        n = sum(len(ex.extract(models, ds, batch, seed=0, task=b.task, device=dev)) for batch in batches)
+        sec = time.perf_counter() - t
+    return [{"bench": f"extract {b.task} (tiny models)", "clips": n, "seconds": sec, "clips_per_s": n / sec}]

@@ -6,6 +6,7 @@
                                                          # diffusers with gradient checkpointing
     python scripts/bench.py vae [--preset hunyuan-video --frames 9 --height 128 --width 128]
     python scripts/bench.py decode          # decord vs PyAV per clip
+    python scripts/bench.py extract         # feature extraction clips/s, tiny models
 
 Each row compares ours with the reference (diffusers) in the same run on the same
 machine; `ratio` = ours / reference time (< 1: ours is faster).
@@ -25,7 +26,8 @@ from graphs.bench_dit import DiTBench, TrainBench, bench_dit  # noqa: E402
 
 COLS = {"dit": ["bench", "impl", "seconds", "ratio", "tokens_per_s", "tflops", "mfu", "peak_mem_gb", "dtype"]}
 BENCHES = {"dit": (DiTBench, bench_dit), "train": (TrainBench, bench_dit), "vae": (bench_vae.VAEBench, bench_vae.run),
-           "decode": (bench_data.DecodeBench, bench_data.run)}
+           "decode": (bench_data.DecodeBench, bench_data.run),
+           "extract": (bench_data.ExtractBench, bench_data.run_extract)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
