@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one prepared script for a lent GPU machine (device tool): benchmarks at full width,
-# then the CPU test subset on that machine's torch (2.11) for version compatibility.
-# Results go to $OUT (bench logs, JSON, test log). Wheels the image lacks travel in .whl/.
+# The prepared script for a lent GPU machine (device tool). Sections run in the order given:
+#   bash scripts/gpu_check.sh dit tests      # full-width DiT bench; CPU tests on that machine's torch
+#   bash scripts/gpu_check.sh vae train      # VAE/text GPU tests + VAE fp16 bench; training-step MFU
+# Results go to $OUT. Wheels the image lacks (diffusers, tyro, ...) travel in .whl/.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -13,8 +14,25 @@ fi
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
-FULL="--hidden 3072 --heads 24 --double 2 --single 4 --frames 9 --height 68 --width 120 --text-len 256 --text-dim 4096 --dtype bf16 --device cuda --repeats 5"
-timeout 150 python3 scripts/bench.py dit $FULL --json "$OUT/dit_eager.json" 2>&1 | tee "$OUT/bench_eager.log" | grep -v Warning
-timeout 240 python3 scripts/bench.py dit $FULL --compile inductor --json "$OUT/dit_compile.json" 2>&1 | tee "$OUT/bench_compile.log" | grep -v Warning
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_params.py tests/test_dit_parity.py tests/test_ckpt.py \
-  tests/test_graphs.py tests/test_parallel_layouts.py -k "not inductor" 2>&1 | tee "$OUT/tests.log" | tail -5
+FULL="--hidden 3072 --heads 24 --double 2 --single 4 --text-len 256 --text-dim 4096 --dtype bf16 --device cuda"
+for section in "$@"; do
+  case $section in
+    dit)
+      timeout 150 python3 scripts/bench.py dit $FULL --frames 9 --height 68 --width 120 --repeats 5 \
+        --json "$OUT/dit_eager.json" 2>&1 | tee "$OUT/bench_eager.log" | grep -v Warning
+      timeout 240 python3 scripts/bench.py dit $FULL --frames 9 --height 68 --width 120 --repeats 5 \
+        --compile inductor --json "$OUT/dit_compile.json" 2>&1 | tee "$OUT/bench_compile.log" | grep -v Warning ;;
+    tests)
+      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_params.py tests/test_dit_parity.py \
+        tests/test_ckpt.py tests/test_graphs.py tests/test_parallel_layouts.py -k "not inductor" 2>&1 \
+        | tee "$OUT/tests.log" | tail -5 ;;
+    vae)
+      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_vae_gpu.py tests/test_text.py -k "gpu or device" \
+        2>&1 | tee "$OUT/vae_text_gpu.log" | tail -5
+      timeout 150 python3 scripts/bench.py vae --preset hunyuan-video --frames 17 --height 256 --width 256 \
+        --device cuda --dtype fp16 --repeats 3 --json "$OUT/vae.json" 2>&1 | tee "$OUT/vae.log" | grep -v Warning ;;
+    train)  # >= 30k video tokens (9 x 90 x 160 latent = 720p, 33 frames), full recompute, compiled
+      timeout 300 python3 scripts/bench.py train $FULL --frames 9 --height 90 --width 160 --repeats 3 \
+        --compile inductor --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log" | grep -v Warning ;;
+  esac
+done
