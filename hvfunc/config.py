@@ -12,6 +12,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 
+def _preset(table: dict, name: str, what: str):
+    """Look up a preset by name with an error that lists the valid ones."""
+    if name not in table:
+        raise ValueError(f"unknown {what} preset {name!r}; choose one of {sorted(table)}")
+    return table[name]
+
+
 @dataclass(frozen=True, kw_only=True)
 class DiTConfig:
     """Architecture of the HunyuanVideo diffusion transformer (HYVideo-T/2 family)."""
@@ -98,10 +105,7 @@ DIT_PRESETS["tiny-i2v"] = DIT_PRESETS["tiny"].replace(i2v_condition_type="token_
 
 
 def dit_preset(name: str) -> DiTConfig:
-    """Look up a preset by name with an error that lists the valid ones."""
-    if name not in DIT_PRESETS:
-        raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(DIT_PRESETS)}")
-    return DIT_PRESETS[name]
+    return _preset(DIT_PRESETS, name, "DiT")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,10 +179,7 @@ DATA_PRESETS: dict[str, DataConfig] = {
 
 
 def data_preset(name: str) -> DataConfig:
-    """Look up a data preset by name with an error that lists the valid ones."""
-    if name not in DATA_PRESETS:
-        raise ValueError(f"unknown data preset {name!r}; choose one of {sorted(DATA_PRESETS)}")
-    return DATA_PRESETS[name]
+    return _preset(DATA_PRESETS, name, "data")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,7 +244,4 @@ VAE_PRESETS: dict[str, VAEConfig] = {
 
 
 def vae_preset(name: str) -> VAEConfig:
-    """Look up a VAE preset by name with an error that lists the valid ones."""
-    if name not in VAE_PRESETS:
-        raise ValueError(f"unknown VAE preset {name!r}; choose one of {sorted(VAE_PRESETS)}")
-    return VAE_PRESETS[name]
+    return _preset(VAE_PRESETS, name, "VAE")
