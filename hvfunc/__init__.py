@@ -1,4 +1,4 @@
-"""hvfunc: HunyuanVideo as pure functions over flat parameter dicts (no torch.distributed here)."""
+"""hvfunc: HunyuanVideo as pure functions over flat parameter dicts (no distributed code here: see parallel/)."""
 
 from hvfunc.config import DIT_PRESETS, DiTConfig, dit_preset
 

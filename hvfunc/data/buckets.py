@@ -12,8 +12,8 @@ Sampler semantics (all ranks compute the same plan; no communication):
     so the same step always crops the same frames, and epochs differ;
   * `state_dict()` / `load_state_dict()` hold (epoch, position): resuming replays the rest
     of the epoch exactly. After an epoch ends the sampler moves to the next one.
-rank and world_size are plain ints (the data-parallel coordinates); hvfunc never imports
-torch.distributed.
+rank and world_size are plain ints (the data-parallel coordinates); process groups live in
+parallel/, never in hvfunc.
 """
 
 from __future__ import annotations
