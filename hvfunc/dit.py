@@ -106,9 +106,9 @@ def double_block(p: Params, img: Tensor, txt: Tensor, vec: Tensor, *, rope: tupl
 
     o = attn(torch.cat([qi, qt], 1), torch.cat([ki, kt], 1), torch.cat([vi, vt], 1), kv_len).flatten(2)
     L = qi.shape[1]
-    y = _row(tp, F.linear(o[:, :L], p["img_attn_proj.weight"]), p, "img_attn_proj", "img")
+    y = _row(tp, ops.matmul(o[:, :L], p["img_attn_proj.weight"]), p, "img_attn_proj", "img")
     img = split_first(gate, first, (img, y), mi[2:3], f(2, 3))
-    txt = gate(txt, _row(tp, F.linear(o[:, L:], p["txt_attn_proj.weight"]), p, "txt_attn_proj", "txt"), mt[2])
+    txt = gate(txt, _row(tp, ops.matmul(o[:, L:], p["txt_attn_proj.weight"]), p, "txt_attn_proj", "txt"), mt[2])
 
     h = tp.enter(split_first(modulate, first, (layer_norm(img, EPS),), mi[3:5], f(3, 5)), "img")
     img = split_first(gate, first, (img, _mlp(p, "img_mlp", h, tp, "img")), mi[5:6], f(5, 6))
@@ -119,7 +119,7 @@ def double_block(p: Params, img: Tensor, txt: Tensor, vec: Tensor, *, rope: tupl
 
 def _mlp(p: Params, name: str, h: Tensor, tp: TPHooks, stream: str) -> Tensor:
     a = F.gelu(linear(h, p, f"{name}.fc1"), approximate="tanh")
-    return _row(tp, F.linear(a, p[f"{name}.fc2.weight"]), p, f"{name}.fc2", stream)
+    return _row(tp, ops.matmul(a, p[f"{name}.fc2.weight"]), p, f"{name}.fc2", stream)
 
 
 def single_block(p: Params, x: Tensor, vec: Tensor, *, n_txt: int, rope: tuple[Tensor, Tensor],
@@ -137,7 +137,7 @@ def single_block(p: Params, x: Tensor, vec: Tensor, *, n_txt: int, rope: tuple[T
     k = torch.cat([ops.apply_rope(k[:, :L], *rope), k[:, L:]], 1)
     o = attn(q, k, v, kv_len).flatten(2)
     mlp = F.gelu(linear(h, p, "linear1_mlp"), approximate="tanh")
-    y = F.linear(o, p["linear2_attn.weight"]) + F.linear(mlp, p["linear2_mlp.weight"])
+    y = ops.matmul(o, p["linear2_attn.weight"]) + ops.matmul(mlp, p["linear2_mlp.weight"])
     y = _row(tp, y, p, "linear2", "joint")
     return split_first(gate, first, (x, y), m[2:3], None if mf is None else mf[2:3])
 

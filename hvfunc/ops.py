@@ -16,11 +16,18 @@ from torch import Tensor
 
 
 def linear(x: Tensor, p: dict[str, Tensor], name: str) -> Tensor:
-    """`x @ W.T + b` for leaves `name.weight` / `name.bias`; a [3, N*K, D] weight gives [..., 3*N*K]."""
+    """`x @ W.T + b` for leaves `name.weight` / `name.bias`; a [3, N*K, D] weight gives [..., 3*N*K].
+
+    The input is cast to the weight's dtype: a precision policy may keep some leaves fp32."""
     w, b = p[f"{name}.weight"], p.get(f"{name}.bias")
     if w.dim() == 3:  # fused q|k|v stored [3, N*K, D]: one GEMM, rows in the official "(K H D)" order
         w, b = w.flatten(0, 1), None if b is None else b.flatten()
-    return F.linear(x, w, b)
+    return F.linear(x.to(w.dtype), w, b)
+
+
+def matmul(x: Tensor, w: Tensor) -> Tensor:
+    """`x @ w.T` in w's dtype (row-parallel matmuls whose bias is added after the tp reduction)."""
+    return F.linear(x.to(w.dtype), w)
 
 
 def layer_norm(x: Tensor, eps: float = 1e-6, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:

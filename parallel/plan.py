@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 
@@ -73,11 +72,10 @@ def gather(name: str, leaf: Tensor) -> Tensor:
     return leaf.redistribute(placements=compute).to_local(grad_placements=grads)
 
 
-def gather_tree(params: Params, dtype: torch.dtype | None = None) -> Params:
-    """Gather every leaf (and cast it to the compute dtype after the gather, so the
-    backward reduces gradients in the storage dtype, fp32)."""
-    out = {k: gather(k, v) for k, v in params.items()}
-    return out if dtype is None else {k: v.to(dtype) for k, v in out.items()}
+def gather_tree(params: Params) -> Params:
+    """Every leaf gathered for compute (graphs.precision casts after this, so gradients are
+    reduced in the storage dtype, fp32)."""
+    return {k: gather(k, v) for k, v in params.items()}
 
 
 def full(params: Params) -> Params:

@@ -35,14 +35,14 @@ def token_slice(n_tokens: int, meshes: Meshes) -> tuple[int, int]:
     return r * n, (r + 1) * n
 
 
-def gathered_blocks(dtype: torch.dtype | None) -> dit.Blocks:
-    """Plain block functions that gather (and cast) their own leaves first, so only one
+def gathered_blocks(prepare: Callable[[Params], Params]) -> dit.Blocks:
+    """Plain block functions that prepare (gather, cast) their own leaves first, so only one
     block's full weights exist at a time. graphs.blocks.make_blocks(prepare=...) adds
-    recompute and compilation around the same gather."""
+    recompute and compilation around the same preparation."""
 
     def wrap(fn: Callable) -> Callable[[int], Callable]:
         def body(p: Params, *args, **kw):
-            return fn(plan.gather_tree(p, dtype), *args, **kw)
+            return fn(prepare(p), *args, **kw)
 
         return lambda i: body
 
@@ -50,19 +50,22 @@ def gathered_blocks(dtype: torch.dtype | None) -> dit.Blocks:
 
 
 def loss(params: Params, batch: dict, sigma_B: Tensor, noise: Tensor, *, cfg: DiTConfig, meshes: Meshes,
-         guidance: Tensor | None, dtype: torch.dtype | None = None, attn: AttnFn = sdpa,
+         guidance: Tensor | None, prepare: Callable[[Params], Params] = plan.gather_tree, attn: AttnFn = sdpa,
          blocks: dit.Blocks | None = None) -> Tensor:
-    """This rank's share of the global mean flow-matching loss (sharded DTensor params)."""
+    """This rank's share of the global mean flow-matching loss (sharded DTensor params).
+
+    `prepare` turns sharded leaves into compute leaves (gather, then the precision cast);
+    `blocks` must apply the same preparation to block leaves (default: plain gathered blocks)."""
     grid = [n // p for n, p in zip(batch["latents"].shape[2:], cfg.patch_size)]
     tokens = token_slice(grid[0] * grid[1] * grid[2], meshes)
-    outer = plan.gather_tree({k: v for k, v in params.items() if not k.startswith(_BLOCK_PREFIXES)}, dtype)
+    outer = prepare({k: v for k, v in params.items() if not k.startswith(_BLOCK_PREFIXES)})
     inner = {k: v for k, v in params.items() if k.startswith(_BLOCK_PREFIXES)}
     block_attn = attn
     if meshes.size("cp") > 1:
         block_attn = collectives.ulysses(attn, meshes.compute["cp"], num_img=tokens[1] - tokens[0])
     tp = collectives.tp_hooks(meshes.compute["tp"]) if meshes.size("tp") > 1 else dit.NO_TP
     sq, n = flow.token_loss(outer | inner, batch, sigma_B, noise, cfg=cfg, guidance=guidance, attn=attn,
-                            block_attn=block_attn, tokens=tokens, tp=tp, blocks=blocks or gathered_blocks(dtype))
+                            block_attn=block_attn, tokens=tokens, tp=tp, blocks=blocks or gathered_blocks(prepare))
     count = torch.tensor(float(n))
     for axis in ("dp_replicate", "dp_shard", "cp"):  # tp ranks hold the same elements
         if meshes.size(axis) > 1:

@@ -11,7 +11,6 @@ SIGTERM; `metrics.jsonl` gets one record per step.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import resource
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from graphs import bench
 from graphs.blocks import Compile, Recompute, make_blocks
+from graphs.precision import Precision, cast
 from hvfunc import attention, ckpt, flops, flow, io
 from hvfunc.config import dit_preset
 from hvfunc.data.buckets import BucketSampler, group
@@ -36,9 +36,6 @@ from hvfunc.flow import TimestepSampling
 from hvfunc.params import init as init_params
 from parallel import checkpoint, optim, plan, runtime, step
 from parallel.mesh import ParallelConfig, build
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -59,6 +56,8 @@ class TrainConfig:
     seed: int = 0
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Compute dtype; weights, optimizer state and gradient reduction stay fp32."""
+    fp32_leaves: str = ""
+    """Regex of leaves computed in fp32 anyway (graphs.precision), e.g. "(_mod|modulation)\\.linear"."""
     guidance: float | None = 1.0
     """Embedded guidance scale fed while training (x1000; T2V recipe 1.0, I2V 6.0); None for models without."""
     timesteps: TimestepSampling = field(default_factory=TimestepSampling)
@@ -170,12 +169,14 @@ def train(cfg: TrainConfig) -> list[dict]:
         _truncate_metrics(cfg.out / "metrics.jsonl", start)
     uncond_path = cfg.features / "uncond.safetensors"
     uncond = io.load_safetensors(uncond_path) if uncond_path.is_file() else None
-    dtype = DTYPES[cfg.dtype]
-    blocks = make_blocks(prepare=functools.partial(plan.gather_tree, dtype=dtype), recompute=cfg.recompute,
-                         compile=cfg.compile, dtensor_params=True, device=device)
+    policy = Precision(compute=cfg.dtype, fp32_leaves=cfg.fp32_leaves)
+    prepare = lambda p: cast(plan.gather_tree(p), policy)  # noqa: E731 - gather, then the compute dtype
+    blocks = make_blocks(prepare=prepare, recompute=cfg.recompute, compile=cfg.compile, dtensor_params=True,
+                         device=device)
     attn = attention.get(cfg.attention)
     guidance = None if not model.guidance_embed else (cfg.guidance if cfg.guidance is not None else 1.0) * 1000
-    return _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, guidance, dtype, device, start)
+    return _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, guidance, prepare, policy.dtype,
+                 device, start)
 
 
 def _epochs(ds, sampler: BucketSampler, workers: int):
@@ -201,7 +202,7 @@ def _peak_mem_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, guidance, dtype, device, start):
+def _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, guidance, prepare, dtype, device, start):
     batches, stop = _epochs(ds, sampler, cfg.num_workers), _Stop()
     peak_flops = bench.matmul_peak(device, dtype) * dist.get_world_size()
     metrics = (cfg.out / "metrics.jsonl").open("a") if runtime.is_main() else None
@@ -215,8 +216,8 @@ def _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, gu
         batch = _with_dropout(batch, drop, uncond)
         B = batch["latents"].shape[0]
         g = None if guidance is None else torch.full((B,), guidance, device=device)
-        loss = step.loss(params, batch, sigma, noise, cfg=model, meshes=meshes, guidance=g, dtype=dtype, attn=attn,
-                         blocks=blocks)
+        loss = step.loss(params, batch, sigma, noise, cfg=model, meshes=meshes, guidance=g, prepare=prepare,
+                         attn=attn, blocks=blocks)
         value = step.global_mean(loss, meshes)
         lr = cfg.optim.lr_at(s)
         optim.set_lr(opt, lr)

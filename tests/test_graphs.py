@@ -61,3 +61,17 @@ def test_inductor_train_step_matches_eager():
     inp = dit_inputs(cfg, lens=(12, 12))
     blocks = make_blocks(recompute=Recompute(selective=True), compile=Compile(backend="inductor"))
     _close(_fwd_bwd(cfg, params, inp, blocks), _fwd_bwd(cfg, params, inp))
+
+
+def test_precision_policy_casts_after_gather_and_returns_fp32_grads():
+    from graphs.precision import Precision, cast
+
+    cfg = DIT_PRESETS["tiny"]
+    params = {k: v.requires_grad_(True) for k, v in random_params(cfg).items()}
+    policy = Precision(compute="bf16", fp32_leaves=r"(_mod|modulation)\.linear")
+    low = cast(params, policy)
+    assert low["double_blocks.0.img_mod.linear.weight"].dtype == torch.float32
+    assert low["double_blocks.0.img_attn_qkv.weight"].dtype == torch.bfloat16
+    out = dit.forward(low, **dit_inputs(cfg), cfg=cfg)
+    out.float().square().mean().backward()
+    assert all(v.grad is not None and v.grad.dtype == torch.float32 for v in params.values())

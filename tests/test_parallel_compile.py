@@ -1,6 +1,5 @@
 """A sharded train step (FSDP gather, Ulysses, TP inside the compiled block) equals eager."""
 
-import functools
 import pickle
 
 import torch
@@ -36,7 +35,7 @@ def _worker(rank, world, out):
         meshes = build(ParallelConfig(**layout))
         eager = _grads(cfg, meshes, None)
         torch._dynamo.reset()
-        blocks = make_blocks(prepare=functools.partial(plan.gather_tree, dtype=None),
+        blocks = make_blocks(prepare=plan.gather_tree,
                              recompute=Recompute(double_full=1, selective=True), compile=Compile(backend="aot_eager"),
                              dtensor_params=True)
         results[str(layout)] = (eager, _grads(cfg, meshes, blocks))
