@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,26 @@ def test_bucket_shapes_are_checked_before_training():
         _check_buckets([(16, 3, 8, 8), (16, 3, 6, 6)], model, cp2)
     with pytest.raises(ValueError, match="in_channels 16"):
         _check_buckets([(4, 3, 8, 8)], model, cp2)
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp):
+    """scripts/train.py as a user runs it: SIGTERM mid-run -> checkpoint at the current step, exit 0."""
+    import signal
+    import subprocess
+    import time
+
+    feats = make_features(tmp / "feats")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "scripts" / "train.py"), "tiny", "--features", str(feats), "--out",
+           str(tmp / "run"), "--steps", "1000", "--checkpoint-every", "1000", "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    done = len(metrics.read_text().splitlines())
+    assert "SIGTERM" in out and 2 <= done < 1000
+    assert checkpoint.latest(tmp / "run" / "checkpoints").name == f"step-{done:08d}"
