@@ -31,7 +31,7 @@ EPS = 1e-6  # every LayerNorm / RMSNorm of the DiT
 Hook = Callable[[Tensor, str], Tensor]
 
 
-def _same(x: Tensor, stream: str) -> Tensor:
+def _same(x: Tensor, stream: str = "") -> Tensor:
     return x
 
 
@@ -43,10 +43,19 @@ class TPHooks:
     row-parallel ones (attn proj, fc2, linear2) and before their bias. `stream` is "img",
     "txt" or "joint" (single blocks). With TP the weights given to a block are local
     shards, so head counts are taken from shapes, never from the config.
+
+    Sequence parallelism (`sp` = (rank, size)) also splits the tokens of the residual
+    stream over tp outside those regions: video tokens always, text tokens in single
+    blocks. `split` takes this rank's share of a replicated sequence [B, L, D] (dim 1), and
+    `cond` marks a modulation input that acts on split tokens (identity forward; the
+    gradient is summed over tp, so the shared vector's gradient is whole on every rank).
     """
 
     enter: Hook = _same
     leave: Hook = _same
+    cond: Callable[[Tensor], Tensor] = _same
+    split: Callable[[Tensor], Tensor] = _same
+    sp: tuple[int, int] | None = None
 
 
 NO_TP = TPHooks()
@@ -56,6 +65,15 @@ def _heads(qkv_BL3D: Tensor, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
     """[B, L, 3*N*K] in "(3 N K)" order -> q, k, v [B, L, N, K] (N local to this rank)."""
     B, L, _ = qkv_BL3D.shape
     return qkv_BL3D.view(B, L, 3, -1, head_dim).unbind(2)
+
+
+def _cond(tp: TPHooks, vec: Tensor, vec_first: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Both modulation inputs through one tp.cond: a rank holding no frame-0 token leaves
+    vec_first unused, and its gradient collective must still run on every rank."""
+    if vec_first is None:
+        return tp.cond(vec), None
+    both = tp.cond(torch.stack([vec, vec_first]))
+    return both[0], both[1]
 
 
 def _row(tp: TPHooks, y: Tensor, p: Params, name: str, stream: str) -> Tensor:
@@ -90,9 +108,10 @@ def double_block(p: Params, img: Tensor, txt: Tensor, vec: Tensor, *, rope: tupl
     Modulation chunks: shift1, scale1, gate1, shift2, scale2, gate2. The leading `first`
     img tokens use `vec_first`'s modulation (I2V token_replace).
     """
-    mi = linear(F.silu(vec), p, "img_mod.linear").chunk(6, dim=-1)
+    vc, vfc = _cond(tp, vec, vec_first)
+    mi = linear(F.silu(vc), p, "img_mod.linear").chunk(6, dim=-1)
     mt = linear(F.silu(vec), p, "txt_mod.linear").chunk(6, dim=-1)
-    mf = None if vec_first is None else linear(F.silu(vec_first), p, "img_mod.linear").chunk(6, dim=-1)
+    mf = None if vfc is None else linear(F.silu(vfc), p, "img_mod.linear").chunk(6, dim=-1)
     f = (lambda a, b: None) if mf is None else (lambda a, b: mf[a:b])
     K = cfg.head_dim
 
@@ -125,9 +144,13 @@ def _mlp(p: Params, name: str, h: Tensor, tp: TPHooks, stream: str) -> Tensor:
 def single_block(p: Params, x: Tensor, vec: Tensor, *, n_txt: int, rope: tuple[Tensor, Tensor],
                  kv_len: Tensor | None, cfg: DiTConfig, attn: AttnFn, vec_first: Tensor | None = None,
                  first: int = 0, tp: TPHooks = NO_TP) -> Tensor:
-    """x = [img | txt] [B, L + S, D] -> same. Parallel attention and MLP off one modulated input."""
-    m = linear(F.silu(vec), p, "modulation.linear").chunk(3, dim=-1)
-    mf = None if vec_first is None else linear(F.silu(vec_first), p, "modulation.linear").chunk(3, dim=-1)
+    """x = [img | txt] [B, L + S, D] -> same. Parallel attention and MLP off one modulated input.
+
+    n_txt counts the text tokens of the whole sequence inside the tp region (x may hold a
+    sequence-parallel share of both parts)."""
+    vc, vfc = _cond(tp, vec, vec_first)
+    m = linear(F.silu(vc), p, "modulation.linear").chunk(3, dim=-1)
+    mf = None if vfc is None else linear(F.silu(vfc), p, "modulation.linear").chunk(3, dim=-1)
     h = tp.enter(split_first(modulate, first, (layer_norm(x, EPS),), m[0:2], None if mf is None else mf[0:2]),
                  "joint")
     q, k, v = _heads(linear(h, p, "linear1_qkv"), cfg.head_dim)
@@ -210,11 +233,12 @@ def _check_inputs(x: Tensor, t: Tensor, text_states: Tensor, text_mask: Tensor, 
 
 def embed(params: Params, x: Tensor, t: Tensor, text_states: Tensor, text_mask: Tensor, text_states_2: Tensor,
           *, cfg: DiTConfig, guidance: Tensor | None = None, attn: AttnFn = sdpa,
-          trim_text: bool = True, tokens: tuple[int, int] | None = None) -> Embedded:
+          trim_text: bool = True, tokens: tuple[int, int] | None = None, text_multiple: int = 1) -> Embedded:
     """Everything before the blocks. Compute dtype = the params' dtype.
 
     `tokens` = (start, end) keeps only those video tokens (context parallelism): their
     patches, RoPE rows and frame-0 count. Text and vectors are always whole.
+    `text_multiple` pads the text with masked tokens to a multiple (sequence parallelism).
     """
     _check_inputs(x, t, text_states, text_mask, text_states_2, cfg)
     dtype = params["img_in.proj.weight"].dtype
@@ -222,6 +246,9 @@ def embed(params: Params, x: Tensor, t: Tensor, text_states: Tensor, text_mask: 
     if trim_text:  # padding never reaches a valid output: drop the padding common to all rows
         S = int(lens.max())
         text_states, text_mask = text_states[:, :S], text_mask[:, :S]
+    if text_states.shape[1] % text_multiple:
+        pad = -text_states.shape[1] % text_multiple
+        text_states, text_mask = F.pad(text_states, (0, 0, 0, pad)), F.pad(text_mask, (0, pad))
     txt_len = None if bool((lens == text_mask.shape[1]).all()) else lens
 
     def temb(v: Tensor, name: str) -> Tensor:
@@ -288,10 +315,11 @@ def run_blocks(params: Params, e: Embedded, *, cfg: DiTConfig, attn: AttnFn, tp:
     kw = dict(rope=e.rope, kv_len=e.kv_len, cfg=cfg, attn=attn, vec_first=e.vec_first, first=e.first, tp=tp)
     for i in range(cfg.mm_double_blocks_depth):
         img, txt = blocks.double(i)(sub(params, f"double_blocks.{i}."), img, txt, e.vec, **kw)
-    h = torch.cat([img, txt], dim=1)
+    txt_local = tp.split(txt)  # sequence parallel: single blocks split the text too
+    h = torch.cat([img, txt_local], dim=1)
     for i in range(cfg.mm_single_blocks_depth):
         h = blocks.single(i)(sub(params, f"single_blocks.{i}."), h, e.vec, n_txt=txt.shape[1], **kw)
-    return h[:, : h.shape[1] - txt.shape[1]]
+    return h[:, : h.shape[1] - txt_local.shape[1]]
 
 
 def forward(params: Params, x: Tensor, t: Tensor, text_states: Tensor, text_mask: Tensor, text_states_2: Tensor,

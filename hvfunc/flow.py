@@ -10,6 +10,7 @@ Shapes: B batch, C channels, T latent frames, H, W latent height/width.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -89,10 +90,16 @@ def token_loss(params: Params, batch: dict, sigma_B: Tensor, noise: Tensor, *, c
     if i2v:
         x_s = replace_first_frame(x_s, batch["cond_latents"])
     e = dit.embed(params, x_s, sigma_B * 1000, batch["text_states"], batch["text_mask"], batch["text_states_2"],
-                  cfg=cfg, guidance=guidance, attn=attn, tokens=tokens)
+                  cfg=cfg, guidance=guidance, attn=attn, tokens=tokens, text_multiple=tp.sp[1] if tp.sp else 1)
+    start, end = tokens or (0, e.img.shape[1])
+    if tp.sp:  # sequence parallel: this rank keeps its share of the slice's video tokens
+        r, n = tp.sp
+        step = (end - start) // n
+        first = min(max(e.first - r * step, 0), step)
+        e = dataclasses.replace(e, img=tp.split(e.img), first=first)
+        start, end = start + r * step, start + (r + 1) * step
     img = dit.run_blocks(params, e, cfg=cfg, attn=block_attn or attn, tp=tp, blocks=blocks)
-    pred = dit.final_layer(params, img, e.vec)
-    start, end = tokens or (0, pred.shape[1])
+    pred = dit.final_layer(params, img, tp.cond(e.vec))
     tgt = dit.patchify(target, cfg.patch_size)[:, start:end]
     if i2v:  # drop this slice's tokens of latent frame 0
         skip = min(max(e.grid[1] * e.grid[2] - start, 0), end - start)

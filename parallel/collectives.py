@@ -2,7 +2,8 @@
 
 tp_copy / tp_sum are Megatron's f / g: identity-forward all-reduce-backward before a
 column-parallel matmul, all-reduce-forward identity-backward after a row-parallel one
-(not funcol.all_reduce, whose backward all-reduces again). Ulysses moves video tokens
+(not funcol.all_reduce, whose backward all-reduces again). With sequence parallelism they
+become all-gather / reduce-scatter over the token dim for the split tokens. Ulysses moves video tokens
 <-> heads with all-to-all over cp; text is replicated over cp, so each rank takes its
 own slice of text heads and the text output is all-gathered over heads (its backward,
 a reduce-scatter, sums the text-stream gradient contributions of all cp ranks).
@@ -15,7 +16,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from hvfunc.attention import AttnFn
 from hvfunc.dit import TPHooks
@@ -37,6 +38,49 @@ def tp_sum(x: Tensor, mesh: DeviceMesh) -> Tensor:
 def tp_hooks(mesh: DeviceMesh) -> TPHooks:
     """Megatron TP (no sequence parallelism): every stream is replicated over tp."""
     return TPHooks(enter=lambda x, stream: tp_copy(x, mesh), leave=lambda y, stream: tp_sum(y, mesh))
+
+
+def seq_gather(x: Tensor, mesh: DeviceMesh) -> Tensor:
+    """[B, l/n, D] shard -> [B, l, D] for a column-parallel matmul; backward reduce-scatters."""
+    d = DTensor.from_local(x, mesh, [Shard(1)], run_check=False)
+    return d.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+
+
+def seq_reduce_scatter(y: Tensor, mesh: DeviceMesh) -> Tensor:
+    """Partial sums [B, l, D] of a row-parallel matmul -> this rank's summed [B, l/n, D]."""
+    d = DTensor.from_local(y, mesh, [Partial()], run_check=False)
+    return d.redistribute(mesh, [Shard(1)]).to_local(grad_placements=[Shard(1)])
+
+
+def seq_split(x: Tensor, mesh: DeviceMesh) -> Tensor:
+    """A replicated [B, l, D] -> this rank's [B, l/n, D]; backward all-gathers (whole, equal grads)."""
+    d = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+    return d.redistribute(mesh, [Shard(1)]).to_local(grad_placements=[Shard(1)])
+
+
+def sp_hooks(mesh: DeviceMesh, num_img: int) -> TPHooks:
+    """Megatron TP with sequence parallelism. The residual stream holds num_img video tokens
+    per rank (and, in single blocks, S/n text tokens after them); text is replicated in
+    double blocks (MindSpeed splits only video tokens: the text streams have own weights)."""
+    n = mesh.size()
+
+    def enter(x: Tensor, stream: str) -> Tensor:
+        if stream == "txt":
+            return tp_copy(x, mesh)
+        if stream == "img":
+            return seq_gather(x, mesh)
+        return torch.cat([seq_gather(x[:, :num_img], mesh), seq_gather(x[:, num_img:], mesh)], dim=1)
+
+    def leave(y: Tensor, stream: str) -> Tensor:
+        if stream == "txt":
+            return tp_sum(y, mesh)
+        if stream == "img":
+            return seq_reduce_scatter(y, mesh)
+        L = num_img * n
+        return torch.cat([seq_reduce_scatter(y[:, :L], mesh), seq_reduce_scatter(y[:, L:], mesh)], dim=1)
+
+    return TPHooks(enter=enter, leave=leave, cond=lambda v: tp_copy(v, mesh), split=lambda x: seq_split(x, mesh),
+                   sp=(mesh.get_local_rank(), n))
 
 
 def seq_to_heads(x_BlNK: Tensor, group, n: int) -> Tensor:

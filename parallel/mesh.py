@@ -55,9 +55,8 @@ class ParallelConfig:
             raise ValueError(f"heads_num {cfg.heads_num} is not divisible by tp*cp = {self.tp}*{self.cp}")
         if cfg.mlp_hidden % self.tp:
             raise ValueError(f"MLP width {cfg.mlp_hidden} is not divisible by tp = {self.tp}")
-        if self.sequence_parallel:
-            raise ValueError("sequence_parallel is not implemented yet (tp shards heads/MLP; video tokens "
-                             "stay replicated over tp): run without --parallel.sequence-parallel")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("sequence_parallel splits tokens over the tp ranks: it needs tp > 1")
 
 
 @dataclass(frozen=True)

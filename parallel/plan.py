@@ -26,8 +26,12 @@ DATA_AXES = ("dp_replicate", "fsdp")
 TP_AXES = ("heads", "mlp")
 _BLOCK = re.compile(r"^(double_blocks|single_blocks)\.\d+\.")
 # tp-replicated leaves whose uses differ across tp ranks: per-head norm weights see only
-# this rank's heads, so their gradients are partial sums over tp.
+# this rank's heads, so their gradients are partial sums over tp. With sequence
+# parallelism also every leaf that acts on split tokens outside the tp regions: the
+# modulation of split streams, the final layer, biases added after a reduce-scatter.
 _TP_PARTIAL = re.compile(r"(q_norm|k_norm)\.weight$")
+_SP_PARTIAL = re.compile(r"(q_norm|k_norm)\.weight$|(^|\.)(img_mod|modulation)\.linear\.|^final_layer\.|"
+                         r"(^|\.)(img_attn_proj|img_mlp\.fc2|linear2)\.bias$")
 
 
 def tp_dim(key: str, s: ParamSpec) -> int | None:
@@ -56,7 +60,7 @@ def shard(params: Params, plan_: dict[str, tuple[Placement, ...]], meshes: Meshe
     return {k: distribute_tensor(v, meshes.storage, plan_[k], src_data_rank=None) for k, v in params.items()}
 
 
-def gather(name: str, leaf: Tensor) -> Tensor:
+def gather(name: str, leaf: Tensor, *, sp: bool = False) -> Tensor:
     """A leaf for compute: replicated over the data axes, still split over tp. Autograd-aware."""
     if not isinstance(leaf, DTensor):
         return leaf
@@ -68,14 +72,15 @@ def gather(name: str, leaf: Tensor) -> Tensor:
             grads.append(Partial())
         else:
             compute.append(p)
-            grads.append(Partial() if isinstance(p, Replicate) and _TP_PARTIAL.search(name) else p)
+            partial = (_SP_PARTIAL if sp else _TP_PARTIAL).search(name)
+            grads.append(Partial() if isinstance(p, Replicate) and partial else p)
     return leaf.redistribute(placements=compute).to_local(grad_placements=grads)
 
 
-def gather_tree(params: Params) -> Params:
+def gather_tree(params: Params, *, sp: bool = False) -> Params:
     """Every leaf gathered for compute (graphs.precision casts after this, so gradients are
-    reduced in the storage dtype, fp32)."""
-    return {k: gather(k, v) for k, v in params.items()}
+    reduced in the storage dtype, fp32). sp: the layout uses sequence parallelism."""
+    return {k: gather(k, v, sp=sp) for k, v in params.items()}
 
 
 def full(params: Params) -> Params:

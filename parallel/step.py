@@ -9,6 +9,7 @@ gather's backward) are the gradients of the global mean - the single-process los
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -25,11 +26,16 @@ from parallel.mesh import Meshes
 _BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
 
 
+def token_multiple(meshes: Meshes) -> int:
+    """Video tokens must divide by cp (Ulysses) and, with sequence parallelism, by cp * tp."""
+    return meshes.size("cp") * (meshes.size("tp") if meshes.cfg.sequence_parallel else 1)
+
+
 def token_slice(n_tokens: int, meshes: Meshes) -> tuple[int, int]:
-    cp = meshes.size("cp")
-    if n_tokens % cp:
-        raise ValueError(f"{n_tokens} video tokens cannot be split evenly over cp = {cp}: choose latent "
-                         f"frames/sizes whose token count divides cp")
+    cp, m = meshes.size("cp"), token_multiple(meshes)
+    if n_tokens % m:
+        raise ValueError(f"{n_tokens} video tokens cannot be split evenly over {m} ranks (cp, x tp with sequence "
+                         f"parallelism): choose latent frames/sizes whose token count divides {m}")
     n = n_tokens // cp
     r = meshes.rank("cp")
     return r * n, (r + 1) * n
@@ -50,12 +56,14 @@ def gathered_blocks(prepare: Callable[[Params], Params]) -> dit.Blocks:
 
 
 def loss(params: Params, batch: dict, sigma_B: Tensor, noise: Tensor, *, cfg: DiTConfig, meshes: Meshes,
-         guidance: Tensor | None, prepare: Callable[[Params], Params] = plan.gather_tree, attn: AttnFn = sdpa,
+         guidance: Tensor | None, prepare: Callable[[Params], Params] | None = None, attn: AttnFn = sdpa,
          blocks: dit.Blocks | None = None) -> Tensor:
     """This rank's share of the global mean flow-matching loss (sharded DTensor params).
 
     `prepare` turns sharded leaves into compute leaves (gather, then the precision cast);
     `blocks` must apply the same preparation to block leaves (default: plain gathered blocks)."""
+    sp = meshes.cfg.sequence_parallel
+    prepare = prepare or functools.partial(plan.gather_tree, sp=sp)
     grid = [n // p for n, p in zip(batch["latents"].shape[2:], cfg.patch_size)]
     tokens = token_slice(grid[0] * grid[1] * grid[2], meshes)
     outer = prepare({k: v for k, v in params.items() if not k.startswith(_BLOCK_PREFIXES)})
@@ -63,22 +71,30 @@ def loss(params: Params, batch: dict, sigma_B: Tensor, noise: Tensor, *, cfg: Di
     block_attn = attn
     if meshes.size("cp") > 1:
         block_attn = collectives.ulysses(attn, meshes.compute["cp"], num_img=tokens[1] - tokens[0])
-    tp = collectives.tp_hooks(meshes.compute["tp"]) if meshes.size("tp") > 1 else dit.NO_TP
+    tp = dit.NO_TP
+    if meshes.size("tp") > 1:
+        tp_mesh = meshes.compute["tp"]
+        tp = (collectives.sp_hooks(tp_mesh, (tokens[1] - tokens[0]) // meshes.size("tp")) if sp
+              else collectives.tp_hooks(tp_mesh))
     sq, n = flow.token_loss(outer | inner, batch, sigma_B, noise, cfg=cfg, guidance=guidance, attn=attn,
                             block_attn=block_attn, tokens=tokens, tp=tp, blocks=blocks or gathered_blocks(prepare))
     count = torch.tensor(float(n))
-    for axis in ("dp_replicate", "dp_shard", "cp"):  # tp ranks hold the same elements
-        if meshes.size(axis) > 1:
-            dist.all_reduce(count, group=meshes.group(axis))
+    for axis in _data_axes(meshes):
+        dist.all_reduce(count, group=meshes.group(axis))
     return sq / count
+
+
+def _data_axes(meshes: Meshes) -> list[str]:
+    """Axes whose ranks hold different loss elements (tp only with sequence parallelism)."""
+    axes = ["dp_replicate", "dp_shard", "cp"] + (["tp"] if meshes.cfg.sequence_parallel else [])
+    return [a for a in axes if meshes.size(a) > 1]
 
 
 def global_mean(local: Tensor, meshes: Meshes) -> float:
     """The loss value of the whole step (sum of every data shard's share)."""
     v = local.detach().clone()
-    for axis in ("dp_replicate", "dp_shard", "cp"):
-        if meshes.size(axis) > 1:
-            dist.all_reduce(v, group=meshes.group(axis))
+    for axis in _data_axes(meshes):
+        dist.all_reduce(v, group=meshes.group(axis))
     return float(v)
 
 

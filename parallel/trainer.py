@@ -122,7 +122,7 @@ def _with_dropout(batch: dict, drop: list[bool], uncond: dict | None) -> dict:
 
 def _check_buckets(keys: list[tuple[int, ...]], model, meshes) -> None:
     """Every latent shape must patchify and split over cp: fail before the first step, not at it."""
-    cp, bad = meshes.size("cp"), set()
+    cp, bad = step.token_multiple(meshes), set()
     for c, t, h, w in set(keys):
         grid = [n // p for n, p in zip((t, h, w), model.patch_size)]
         if c != model.in_channels or any(n % p for n, p in zip((t, h, w), model.patch_size)) or \
@@ -130,8 +130,8 @@ def _check_buckets(keys: list[tuple[int, ...]], model, meshes) -> None:
             bad.add((c, t, h, w))
     if bad:
         raise ValueError(f"latent shapes {sorted(bad)} do not fit the model (in_channels {model.in_channels}, "
-                         f"patch {model.patch_size}) or do not split over cp = {cp}: re-extract with "
-                         f"--cp {cp} (latent frames divisible by cp) or change the parallel layout")
+                         f"patch {model.patch_size}) or their video tokens do not split over {cp} ranks (cp, x tp with "
+                         f"sequence parallelism): re-extract with --cp or change the parallel layout")
 
 
 def _params(cfg: TrainConfig, meshes, device: torch.device):
@@ -170,7 +170,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     uncond_path = cfg.features / "uncond.safetensors"
     uncond = io.load_safetensors(uncond_path) if uncond_path.is_file() else None
     policy = Precision(compute=cfg.dtype, fp32_leaves=cfg.fp32_leaves)
-    prepare = lambda p: cast(plan.gather_tree(p), policy)  # noqa: E731 - gather, then the compute dtype
+    sp = meshes.cfg.sequence_parallel
+    prepare = lambda p: cast(plan.gather_tree(p, sp=sp), policy)  # noqa: E731 - gather, then the compute dtype
     blocks = make_blocks(prepare=prepare, recompute=cfg.recompute, compile=cfg.compile, dtensor_params=True,
                          device=device)
     attn = attention.get(cfg.attention)

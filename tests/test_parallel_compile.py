@@ -1,5 +1,6 @@
 """A sharded train step (FSDP gather, Ulysses, TP inside the compiled block) equals eager."""
 
+import functools
 import pickle
 
 import torch
@@ -31,11 +32,12 @@ def _grads(cfg, meshes, blocks):
 def _worker(rank, world, out):
     cfg = DIT_PRESETS["tiny-i2v"]
     results = {}
-    for layout in (dict(dp_shard=2), dict(dp_shard=1, cp=2), dict(dp_shard=1, tp=2)):
+    for layout in (dict(dp_shard=2), dict(dp_shard=1, cp=2), dict(dp_shard=1, tp=2),
+                   dict(dp_shard=1, tp=2, sequence_parallel=True)):
         meshes = build(ParallelConfig(**layout))
         eager = _grads(cfg, meshes, None)
         torch._dynamo.reset()
-        blocks = make_blocks(prepare=plan.gather_tree,
+        blocks = make_blocks(prepare=functools.partial(plan.gather_tree, sp=meshes.cfg.sequence_parallel),
                              recompute=Recompute(double_full=1, selective=True), compile=Compile(backend="aot_eager"),
                              dtensor_params=True)
         results[str(layout)] = (eager, _grads(cfg, meshes, blocks))

@@ -58,9 +58,12 @@ def _train(cfg, params, meshes=None, ids=(0, 1, 2, 3)) -> tuple[list[float], dic
 
 
 LAYOUTS = {
-    2: [dict(dp_shard=2), dict(dp_shard=1, cp=2), dict(dp_shard=1, tp=2)],
+    2: [dict(dp_shard=2), dict(dp_shard=1, cp=2), dict(dp_shard=1, tp=2),
+        dict(dp_shard=1, tp=2, sequence_parallel=True)],
     4: [dict(dp_shard=2, cp=2), dict(dp_shard=2, tp=2), dict(dp_shard=1, cp=2, tp=2),
-        dict(dp_replicate=2, dp_shard=2)],
+        dict(dp_replicate=2, dp_shard=2), dict(dp_shard=1, cp=2, tp=2, sequence_parallel=True),
+        # 2 samples per data rank: text lengths 5 and 9 -> 9 tokens, padded to 10 for the tp split
+        dict(dp_shard=2, tp=2, sequence_parallel=True)],
 }
 
 

@@ -144,10 +144,10 @@ def test_bucket_shapes_are_checked_before_training():
 
     from parallel.trainer import _check_buckets
 
-    cp2 = SimpleNamespace(size=lambda axis: 2 if axis == "cp" else 1)
+    cp2 = SimpleNamespace(size=lambda axis: 2 if axis == "cp" else 1, cfg=ParallelConfig(cp=2))
     model = DIT_PRESETS["tiny"]
     _check_buckets([(16, 3, 8, 8), (16, 2, 8, 8)], model, cp2)  # 48 and 32 tokens: fine
-    with pytest.raises(ValueError, match=r"\(16, 3, 6, 6\).*cp = 2"):  # 27 tokens
+    with pytest.raises(ValueError, match=r"\(16, 3, 6, 6\).*over 2 ranks"):  # 27 tokens
         _check_buckets([(16, 3, 8, 8), (16, 3, 6, 6)], model, cp2)
     with pytest.raises(ValueError, match="in_channels 16"):
         _check_buckets([(4, 3, 8, 8)], model, cp2)
