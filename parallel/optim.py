@@ -65,7 +65,7 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 def grad_norm(params: Params) -> Tensor:
     """Global L2 norm of all gradients (fp32), exact for any mix of DTensor placements."""
-    total = torch.zeros((), dtype=torch.float32)
+    total: Tensor | float = 0.0
     world_sum = False
     for v in params.values():
         g = v.grad
@@ -73,12 +73,14 @@ def grad_norm(params: Params) -> Tensor:
             continue
         if isinstance(g, DTensor):
             reps = math.prod(g.device_mesh.size(i) for i, p in enumerate(g.placements) if isinstance(p, Replicate))
-            total = total + g.to_local().float().square().sum().cpu() / reps
+            total = total + g.to_local().float().square().sum() / reps
             world_sum = True
         else:
-            total = total + g.float().square().sum().cpu()
+            total = total + g.float().square().sum()
+    if not isinstance(total, Tensor):
+        return torch.zeros(())
     if world_sum and dist.is_initialized():
-        dist.all_reduce(total)
+        dist.all_reduce(total)  # on the gradients' device: nccl reduces device tensors only
     return total.sqrt()
 
 

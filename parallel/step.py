@@ -78,7 +78,7 @@ def loss(params: Params, batch: dict, sigma_B: Tensor, noise: Tensor, *, cfg: Di
               else collectives.tp_hooks(tp_mesh))
     sq, n = flow.token_loss(outer | inner, batch, sigma_B, noise, cfg=cfg, guidance=guidance, attn=attn,
                             block_attn=block_attn, tokens=tokens, tp=tp, blocks=blocks or gathered_blocks(prepare))
-    count = torch.tensor(float(n))
+    count = torch.tensor(float(n), device=sq.device)  # nccl reduces device tensors only
     for axis in _data_axes(meshes):
         dist.all_reduce(count, group=meshes.group(axis))
     return sq / count

@@ -89,13 +89,13 @@ class _Stop:
     def _set(self, *_: object) -> None:
         self.flag = True
 
-    def agreed(self) -> bool:
-        t = torch.tensor(float(self.flag))
+    def agreed(self, device: torch.device) -> bool:
+        t = torch.tensor(float(self.flag), device=device)  # nccl reduces device tensors only
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t)
 
 
-def _draws(batch: dict, cfg: TrainConfig, step_no: int, device: torch.device) -> tuple:
+def _draws(batch: dict, cfg: TrainConfig, device: torch.device) -> tuple:
     """sigma [B], noise, text-dropout mask [B], all from the samples' draw seeds."""
     sig, noise, drop = [], [], []
     for s in batch["seed"]:
@@ -213,7 +213,7 @@ def _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, gu
         t0 = time.perf_counter()
         batch, state = next(batches)
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        sigma, noise, drop = _draws(batch, cfg, s, device)
+        sigma, noise, drop = _draws(batch, cfg, device)
         batch = _with_dropout(batch, drop, uncond)
         B = batch["latents"].shape[0]
         g = None if guidance is None else torch.full((B,), guidance, device=device)
@@ -245,7 +245,7 @@ def _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, gu
             raise RuntimeError(f"{bad} consecutive steps had a non-finite loss or gradient (last loss {value}, "
                                f"grad norm {norm}); stopped and saved a checkpoint in {cfg.out / 'checkpoints'}. "
                                f"Lower the learning rate or check the data.")
-        stopping = stop.agreed()
+        stopping = stop.agreed(device)
         if (s + 1) % cfg.checkpoint_every == 0 or s + 1 == cfg.steps or stopping:
             checkpoint.save(cfg.out / "checkpoints", s + 1, params, opt, trainer_state, cfg.keep_last)
         if stopping:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -108,8 +108,9 @@ def main(a: ExtractArgs) -> None:
             tmp.unlink()
     dist.barrier()
     ds = build_dataset(a.data, data_preset(a.data_preset).replace(cp=a.cp), seed=a.seed)
-    models = load(a)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    models = load(a)
+    models = replace(models, vae={k: v.to(device, dtype) for k, v in models.vae.items()})  # once, not per batch
     batches = ex.plan_batches(ds, a.batch_size)[rank::world]
     todo = [b for b in batches if not all(sample_path(a.out, ex.clip_id(ds, i)).is_file() for i in b)]
     done = sum(len(b) for b in batches) - sum(len(b) for b in todo)
