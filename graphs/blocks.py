@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from graphs import backends
 from hvfunc import dit
 from hvfunc.params import Params
 
@@ -54,18 +55,6 @@ class Compile:
     """Inductor mode, e.g. "reduce-overhead" (CUDA graphs, static shapes, sampling) or "max-autotune"."""
 
 
-def default_backend(device: torch.device | str) -> Backend:
-    kind = torch.device(device).type
-    return {"cpu": "inductor", "cuda": "inductor", "npu": "torchair"}.get(kind, "eager")
-
-
-def _torchair_backend():
-    """Ascend graph mode (UNVERIFIED here: no NPU hardware). Lazy import."""
-    import torchair  # noqa: F401 - ships with torch_npu
-
-    return torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
-
-
 _ATTN_OPS = tuple(getattr(torch.ops.aten, n) for n in (
     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
@@ -92,7 +81,7 @@ def with_recompute(fn: Callable, mode: Literal["none", "full", "selective"]) -> 
 def compiled(fn: Callable, c: Compile, backend_fn: Callable | None = None) -> Callable:
     if c.backend == "none" and backend_fn is None:
         return fn
-    backend = backend_fn or (_torchair_backend() if c.backend == "torchair" else c.backend)
+    backend = backend_fn or (backends.torchair_backend() if c.backend == "torchair" else c.backend)
     return torch.compile(fn, backend=backend, fullgraph=True, dynamic=c.dynamic, mode=c.mode)
 
 
@@ -109,7 +98,7 @@ def make_blocks(*, prepare: Callable[[Params], Params] | None = None, recompute:
     compiled graph: it recomputes the whole block like "full"."""
     cache: dict[tuple[str, str], Callable] = {}
     if compile.backend == "auto":
-        compile = dataclasses.replace(compile, backend=default_backend(device))
+        compile = dataclasses.replace(compile, backend=backends.default_compile_backend(device))
 
     def fn_for(kind: str, i: int) -> Callable:
         full = recompute.double_full if kind == "double" else recompute.single_full

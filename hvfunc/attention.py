@@ -78,34 +78,18 @@ def varlen(fn: VarlenFn | None = None) -> AttnFn:
     return attn
 
 
-def npu_fusion(q: Tensor, k: Tensor, v: Tensor, kv_len: Tensor | None) -> Tensor:
-    """Ascend `npu_fusion_attention` in TND layout with upstream's packing.
-
-    UNVERIFIED: written against the torch_npu API docs; no Ascend hardware here.
-    """
-    import torch_npu  # lazy: only exists on Ascend machines
-
-    B, L, N, K = q.shape
-    # TND wants host-side cumulative ends; drop the empty padding segments (repeated ends)
-    cum = sorted(set(cu_seqlens(kv_len, B, L, q.device)[1:].tolist()))
-    o = torch_npu.npu_fusion_attention(
-        q.reshape(B * L, N, K), k.reshape(B * L, N, K), v.reshape(B * L, N, K), N, input_layout="TND",
-        scale=K ** -0.5, keep_prob=1.0, actual_seq_qlen=cum, actual_seq_kvlen=cum)[0]
-    return o.reshape(B, L, N, K)
-
-
 BACKENDS: dict[str, Callable[[], AttnFn]] = {
     "sdpa": lambda: sdpa,
     "flash-varlen": varlen,
-    "npu": lambda: npu_fusion,
 }
 
 
 def get(name: str) -> AttnFn:
-    """Backend by name, with a clear error when its package is missing."""
+    """Backend by name, with a clear error when its package is missing. Device-specific
+    backends (Ascend) live in graphs.backends, which also resolves these names."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
-    needs = {"flash-varlen": "flash_attn", "npu": "torch_npu"}.get(name)
+    needs = {"flash-varlen": "flash_attn"}.get(name)
     if needs and importlib.util.find_spec(needs) is None:
         raise ValueError(f"attention backend {name!r} needs the package {needs!r}, which is not installed")
     return BACKENDS[name]()

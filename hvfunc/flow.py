@@ -27,11 +27,6 @@ def shift_sigmas(s: Tensor, shift: float) -> Tensor:
     return s if shift == 1.0 else shift * s / (1 + (shift - 1) * s)
 
 
-def schedule(steps: int, shift: float, device: torch.device | str | None = None) -> Tensor:
-    """Sampling sigmas [steps + 1] from 1 to 0: linspace(1, 0, steps + 1), shifted."""
-    return shift_sigmas(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64, device=device), shift).float()
-
-
 @dataclass(frozen=True, kw_only=True)
 class TimestepSampling:
     """Distribution of training sigmas."""

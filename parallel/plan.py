@@ -86,7 +86,3 @@ def gather_tree(params: Params, *, sp: bool = False) -> Params:
 def full(params: Params) -> Params:
     """Whole tensors on every rank (for checks and export)."""
     return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in params.items()}
-
-
-def local_bytes(params: Params) -> int:
-    return sum((v.to_local() if isinstance(v, DTensor) else v).numel() * v.element_size() for v in params.values())

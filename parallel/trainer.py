@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from graphs import bench
+from graphs import backends, bench
 from graphs.blocks import Compile, Recompute, make_blocks
 from graphs.precision import Precision, cast
-from hvfunc import attention, ckpt, flops, flow, io
+from hvfunc import ckpt, flops, flow, io
 from hvfunc.config import dit_preset
 from hvfunc.data.buckets import BucketSampler, group
 from hvfunc.data.features import FeatureDataset, collate
@@ -174,7 +174,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     prepare = lambda p: cast(plan.gather_tree(p, sp=sp), policy)  # noqa: E731 - gather, then the compute dtype
     blocks = make_blocks(prepare=prepare, recompute=cfg.recompute, compile=cfg.compile, dtensor_params=True,
                          device=device)
-    attn = attention.get(cfg.attention)
+    attn = backends.attention_backend(cfg.attention)
     guidance = None if not model.guidance_embed else (cfg.guidance if cfg.guidance is not None else 1.0) * 1000
     return _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, guidance, prepare, policy.dtype,
                  device, start)

@@ -75,3 +75,17 @@ def test_precision_policy_casts_after_gather_and_returns_fp32_grads():
     out = dit.forward(low, **dit_inputs(cfg), cfg=cfg)
     out.float().square().mean().backward()
     assert all(v.grad is not None and v.grad.dtype == torch.float32 for v in params.values())
+
+
+def test_attention_backends_by_name():
+    import importlib.util
+
+    from graphs.backends import attention_backend
+    from hvfunc import attention
+
+    assert attention_backend("sdpa") is attention.sdpa
+    with pytest.raises(ValueError, match="choose one of"):
+        attention_backend("nope")
+    if importlib.util.find_spec("torch_npu") is None:
+        with pytest.raises(ValueError, match="torch_npu"):
+            attention_backend("npu")
