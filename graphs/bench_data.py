@@ -78,27 +78,14 @@ class ExtractBench:
 
 def run_extract(b: ExtractBench) -> list[dict]:
     """Decode + VAE encode (tiled) + LLM + CLIP per clip, timed over the whole set after a warm-up batch."""
-    import json as _json
-    from dataclasses import asdict
-
-    from hvfunc import io, params, vae
-    from hvfunc.config import VAE_PRESETS, data_preset
+    from hvfunc.config import data_preset
     from hvfunc.data import extract as ex
     from hvfunc.data.dataset import build_dataset
-    from hvfunc.text.load import load_encoders
-    from hvfunc.text.tiny import write_tiny_encoders
-    from hvfunc.vae.ckpt import load_vae
 
     with tempfile.TemporaryDirectory(prefix="hvfunc-bench-extract-") as tmp:
         root = Path(tmp)
         data_txt = synthetic.make_dataset(root / "data", num_clips=b.clips, seed=0)
-        cfg = VAE_PRESETS["tiny"]
-        io.save_pickle(params.init(vae.vae_spec(cfg)), root / "vae" / "pytorch_model.pt")
-        io.write_atomic(root / "vae" / "config.json", _json.dumps(asdict(cfg)).encode())
-        llm, clip = write_tiny_encoders(root, i2v=b.task == "i2v")
-        vp, vcfg = load_vae(root / "vae")
-        models = ex.Models(vae=vp, vae_cfg=vcfg, text=load_encoders(llm, clip, strict=False, dtype=torch.float32),
-                           tiling=vae.Tiling())
+        models = ex.load_models(*ex.write_tiny_models(root, b.task), tiny=True)
         ds = build_dataset(data_txt, data_preset("tiny"))
         batches = ex.plan_batches(ds, b.batch_size)
         dev = torch.device("cpu")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -27,14 +27,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hvfunc import io, params, vae  # noqa: E402
-from hvfunc.config import VAE_PRESETS, data_preset  # noqa: E402
+from hvfunc import io  # noqa: E402
+from hvfunc.config import data_preset  # noqa: E402
 from hvfunc.data import extract as ex  # noqa: E402
 from hvfunc.data.dataset import build_dataset  # noqa: E402
 from hvfunc.data.features import build_index, sample_path, write_sample  # noqa: E402
 from hvfunc.data.report import SkipReport  # noqa: E402
-from hvfunc.text.load import load_encoders  # noqa: E402
-from hvfunc.vae.ckpt import load_vae  # noqa: E402
 from parallel import runtime  # noqa: E402
 
 
@@ -74,30 +72,19 @@ class ExtractArgs:
     """VAE compute dtype (features are stored fp32)."""
 
 
-def tiny_models(root: Path, task: str) -> ModelArgs:
-    """Write tiny random models as upstream's folders (rank 0) and point at them."""
-    from hvfunc.text.tiny import write_tiny_encoders
-
-    if runtime.is_main():
-        cfg = VAE_PRESETS["tiny"]
-        weights = params.init(vae.vae_spec(cfg), generator=torch.Generator().manual_seed(0))
-        io.save_pickle(weights, root / "vae" / "pytorch_model.pt")
-        io.write_atomic(root / "vae" / "config.json", json.dumps(asdict(cfg), indent=1).encode())
-        write_tiny_encoders(root, i2v=task == "i2v")
-    dist.barrier()
-    llm = root / ("text_encoder_i2v" if task == "i2v" else "text_encoder")
-    return ModelArgs(vae=root / "vae", text_encoder=llm, text_encoder_2=root / "text_encoder_2")
-
-
 def load(a: ExtractArgs) -> ex.Models:
-    m = tiny_models(a.out / "models", a.task) if a.models.preset == "tiny" else a.models
+    m = a.models
+    if m.preset == "tiny":  # rank 0 writes them; every rank loads them from disk
+        root = a.out / "models"
+        if runtime.is_main():
+            ex.write_tiny_models(root, a.task)
+        dist.barrier()
+        llm = root / ("text_encoder_i2v" if a.task == "i2v" else "text_encoder")
+        m = ModelArgs(vae=root / "vae", text_encoder=llm, text_encoder_2=root / "text_encoder_2")
     if None in (m.vae, m.text_encoder, m.text_encoder_2):
         raise ValueError("give --models.preset tiny or all of --models.vae, --models.text-encoder, "
                          "--models.text-encoder-2")
-    vae_params, vae_cfg = load_vae(m.vae)
-    text = load_encoders(m.text_encoder, m.text_encoder_2, strict=a.models.preset != "tiny",
-                         dtype=torch.float32 if a.models.preset == "tiny" else torch.float16)
-    return ex.Models(vae=vae_params, vae_cfg=vae_cfg, text=text, tiling=vae.Tiling() if a.tiling else None)
+    return ex.load_models(m.vae, m.text_encoder, m.text_encoder_2, tiny=a.models.preset == "tiny", tiling=a.tiling)
 
 
 def main(a: ExtractArgs) -> None:

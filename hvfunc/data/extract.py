@@ -11,14 +11,15 @@ Shapes: B clips, C=3 pixels / 16 latent channels, T frames, H, W.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from hvfunc import vae
-from hvfunc.config import VAEConfig
+from hvfunc import io, params, vae
+from hvfunc.config import VAE_PRESETS, VAEConfig
 from hvfunc.data.buckets import mix_seed
 from hvfunc.data.dataset import VideoDataset
 from hvfunc.data.video import ClipError
@@ -33,6 +34,30 @@ class Models:
     text: TextEncoders
     tiling: vae.Tiling | None = None
     """VAE tiling (upstream: on), bounds memory for large clips."""
+
+
+def write_tiny_models(root: str | Path, task: str) -> tuple[Path, Path, Path]:
+    """Tiny random VAE, LLM (LLaVA for I2V) and CLIP written as upstream's folders (the demo,
+    tests, benchmarks); returns (vae, text_encoder, text_encoder_2) folders."""
+    from hvfunc.text.tiny import write_tiny_encoders
+
+    root, cfg = Path(root), VAE_PRESETS["tiny"]
+    weights = params.init(vae.vae_spec(cfg), generator=torch.Generator().manual_seed(0))
+    io.save_pickle(weights, root / "vae" / "pytorch_model.pt")
+    io.write_atomic(root / "vae" / "config.json", json.dumps(asdict(cfg), indent=1).encode())
+    llm, clip = write_tiny_encoders(root, i2v=task == "i2v")
+    return root / "vae", llm, clip
+
+
+def load_models(vae_dir: Path, llm_dir: Path, clip_dir: Path, *, tiny: bool = False,
+                tiling: bool = True) -> Models:
+    """Models through the real loaders (tiny ones: fp32 encoders, templates measured on their tokenizer)."""
+    from hvfunc.text.load import load_encoders
+    from hvfunc.vae.ckpt import load_vae
+
+    vae_params, vae_cfg = load_vae(vae_dir)
+    text = load_encoders(llm_dir, clip_dir, strict=not tiny, dtype=torch.float32 if tiny else torch.float16)
+    return Models(vae=vae_params, vae_cfg=vae_cfg, text=text, tiling=vae.Tiling() if tiling else None)
 
 
 def plan_batches(ds: VideoDataset, batch_size: int) -> list[list[int]]:
