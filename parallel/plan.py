@@ -3,13 +3,17 @@
 Storage mesh axes (dp_replicate, fsdp, tp):
   dp_replicate  Replicate (HSDP replicas)
   tp            Shard(d) where d is the "heads" or "mlp" axis of a double/single block leaf
-                (q|k|v and fc1/linear1 column-parallel, proj/fc2/linear2 row-parallel);
-                everything else Replicate (refiner, embedders, modulation, norms, biases
-                of row-parallel layers)
+                (q|k|v and fc1/linear1 column-parallel, proj/fc2/linear2 row-parallel):
+                a compute split. Every other leaf (modulation - a quarter of the model -,
+                refiner, embedders, norms, row-parallel biases) is computed whole on each
+                tp rank but *stored* sharded over tp on a dim fsdp does not use, like a
+                data axis, so tp ranks do not each keep a full copy with its AdamW state
   fsdp          Shard on the largest remaining dim (even split preferred); tiny leaves Replicate
-Gathering for compute keeps tp and replicates the data axes; gradients come back as
-Partial over the data axes (each rank's loss is a local sum over the global count), so
-the backward of the gather is the FSDP reduce-scatter / HSDP all-reduce.
+Gathering for compute keeps the tp compute splits and replicates everything else;
+gradients come back as Partial over the data axes (each rank's loss is a local sum over
+the global count), so the backward of the gather is the FSDP reduce-scatter / HSDP
+all-reduce. Over tp a stored-only shard's gradient is whole and equal on every tp rank
+(the backward is a slice) unless the leaf's uses differ across tp ranks (Partial below).
 """
 
 from __future__ import annotations
@@ -41,13 +45,22 @@ def tp_dim(key: str, s: ParamSpec) -> int | None:
     return next((d for d, a in enumerate(s.axes) if a in TP_AXES), None)
 
 
+def _storage_dim(local: list[int], n: int, skip: int | None) -> int | None:
+    """The dim to shard n ways for storage: the largest one (an even split preferred) other than skip."""
+    if n == 1:
+        return None
+    cands = [d for d in range(len(local)) if d != skip and local[d] >= n]
+    even = [d for d in cands if local[d] % n == 0]
+    return max(even or cands, key=lambda d: local[d], default=None)
+
+
 def placements(key: str, s: ParamSpec, meshes: Meshes) -> tuple[Placement, ...]:
     fsdp, tp = meshes.size("fsdp"), meshes.size("tp")
     td = tp_dim(key, s) if tp > 1 else None
     local = [n // tp if d == td else n for d, n in enumerate(s.shape)]
-    cands = [d for d in range(len(local)) if d != td and local[d] >= fsdp]
-    even = [d for d in cands if local[d] % fsdp == 0]
-    fd = max(even or cands, key=lambda d: local[d], default=None) if fsdp > 1 else None
+    fd = _storage_dim(local, fsdp, td)
+    if td is None:  # not split for compute: store it split over tp anyway (another dim than fsdp's)
+        td = _storage_dim(local, tp, fd)
     return (Replicate(), Shard(fd) if fd is not None else Replicate(), Shard(td) if td is not None else Replicate())
 
 
@@ -55,13 +68,20 @@ def plan(spec: Spec, meshes: Meshes) -> dict[str, tuple[Placement, ...]]:
     return {k: placements(k, s, meshes) for k, s in spec.items()}
 
 
+def tp_split(spec: Spec) -> frozenset[str]:
+    """Block leaves whose tp shard is a compute split (kept split when gathered), named
+    within their block ("img_attn_qkv.weight"): block functions see sub-trees."""
+    return frozenset(_BLOCK.sub("", k) for k, s in spec.items() if tp_dim(k, s) is not None)
+
+
 def shard(params: Params, plan_: dict[str, tuple[Placement, ...]], meshes: Meshes) -> Params:
     """Full tensors (identical on every rank) -> DTensors; each rank keeps its own shard, no comm."""
     return {k: distribute_tensor(v, meshes.storage, plan_[k], src_data_rank=None) for k, v in params.items()}
 
 
-def gather(name: str, leaf: Tensor, *, sp: bool = False) -> Tensor:
-    """A leaf for compute: replicated over the data axes, still split over tp. Autograd-aware."""
+def gather(name: str, leaf: Tensor, *, split: bool, sp: bool = False) -> Tensor:
+    """A leaf for compute: replicated over the data axes, still split over tp if `split`
+    (a tp compute split, see tp_split), else whole. Autograd-aware."""
     if not isinstance(leaf, DTensor):
         return leaf
     axes = leaf.device_mesh.mesh_dim_names
@@ -70,17 +90,20 @@ def gather(name: str, leaf: Tensor, *, sp: bool = False) -> Tensor:
         if a in DATA_AXES:
             compute.append(Replicate())
             grads.append(Partial())
-        else:
+        elif split:
             compute.append(p)
-            partial = (_SP_PARTIAL if sp else _TP_PARTIAL).search(name)
-            grads.append(Partial() if isinstance(p, Replicate) and partial else p)
+            grads.append(p)
+        else:
+            compute.append(Replicate())
+            grads.append(Partial() if (_SP_PARTIAL if sp else _TP_PARTIAL).search(name) else Replicate())
     return leaf.redistribute(placements=compute).to_local(grad_placements=grads)
 
 
-def gather_tree(params: Params, *, sp: bool = False) -> Params:
+def gather_tree(params: Params, *, split: frozenset[str], sp: bool = False) -> Params:
     """Every leaf gathered for compute (graphs.precision casts after this, so gradients are
-    reduced in the storage dtype, fp32). sp: the layout uses sequence parallelism."""
-    return {k: gather(k, v, sp=sp) for k, v in params.items()}
+    reduced in the storage dtype, fp32). params: the whole tree or one block's sub-tree;
+    split: tp_split(spec); sp: the layout uses sequence parallelism."""
+    return {k: gather(k, v, split=_BLOCK.sub("", k) in split, sp=sp) for k, v in params.items()}
 
 
 def full(params: Params) -> Params:

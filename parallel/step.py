@@ -19,6 +19,7 @@ from torch import Tensor
 from hvfunc import dit, flow
 from hvfunc.attention import AttnFn, sdpa
 from hvfunc.config import DiTConfig
+from hvfunc.dit_spec import dit_spec
 from hvfunc.params import Params
 from parallel import collectives, plan
 from parallel.mesh import Meshes
@@ -63,7 +64,7 @@ def loss(params: Params, batch: dict, sigma_B: Tensor, noise: Tensor, *, cfg: Di
     `prepare` turns sharded leaves into compute leaves (gather, then the precision cast);
     `blocks` must apply the same preparation to block leaves (default: plain gathered blocks)."""
     sp = meshes.cfg.sequence_parallel
-    prepare = prepare or functools.partial(plan.gather_tree, sp=sp)
+    prepare = prepare or functools.partial(plan.gather_tree, split=plan.tp_split(dit_spec(cfg)), sp=sp)
     grid = [n // p for n, p in zip(batch["latents"].shape[2:], cfg.patch_size)]
     tokens = token_slice(grid[0] * grid[1] * grid[2], meshes)
     outer = prepare({k: v for k, v in params.items() if not k.startswith(_BLOCK_PREFIXES)})

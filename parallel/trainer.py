@@ -171,7 +171,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     uncond = io.load_safetensors(uncond_path) if uncond_path.is_file() else None
     policy = Precision(compute=cfg.dtype, fp32_leaves=cfg.fp32_leaves)
     sp = meshes.cfg.sequence_parallel
-    prepare = lambda p: cast(plan.gather_tree(p, sp=sp), policy)  # noqa: E731 - gather, then the compute dtype
+    split = plan.tp_split(dit_spec(model))
+    prepare = lambda p: cast(plan.gather_tree(p, split=split, sp=sp), policy)  # noqa: E731 - gather, then cast
     blocks = make_blocks(prepare=prepare, recompute=cfg.recompute, compile=cfg.compile, dtensor_params=True,
                          device=device)
     attn = backends.attention_backend(cfg.attention)

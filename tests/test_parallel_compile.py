@@ -37,7 +37,8 @@ def _worker(rank, world, out):
         meshes = build(ParallelConfig(**layout))
         eager = _grads(cfg, meshes, None)
         torch._dynamo.reset()
-        blocks = make_blocks(prepare=functools.partial(plan.gather_tree, sp=meshes.cfg.sequence_parallel),
+        blocks = make_blocks(prepare=functools.partial(plan.gather_tree, split=plan.tp_split(dit_spec(cfg)),
+                                                         sp=meshes.cfg.sequence_parallel),
                              recompute=Recompute(double_full=1, selective=True), compile=Compile(backend="aot_eager"),
                              dtensor_params=True)
         results[str(layout)] = (eager, _grads(cfg, meshes, blocks))
