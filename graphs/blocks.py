@@ -5,41 +5,24 @@ gather and precision cast from parallel/ or graphs.precision) and the pure block
 under the recompute mode chosen for i, compiled once per distinct mode, so the number of
 compiled graphs does not grow with depth. Nothing here changes results.
 
-Recompute modes (per stream, like the seed's double/single_stream_full_recompute_layers):
-  full       the first N blocks keep only their inputs and recompute everything
-  selective  the other blocks keep attention outputs and recompute the rest (matmuls,
-             norms, parameter gathers): attention is the costliest op to redo
-  none       autograd keeps everything
+Recompute modes per block (full / selective / offload / none): graphs/recompute.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from graphs import backends
+from graphs.recompute import Recompute, with_recompute
 from hvfunc import dit
 from hvfunc.params import Params
 
 Backend = Literal["none", "auto", "inductor", "aot_eager", "eager", "torchair"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Recompute:
-    """Activation recompute per stream."""
-
-    double_full: int = 0
-    """Double-stream blocks (from the first) with full recompute."""
-    single_full: int = 0
-    """Single-stream blocks (from the first) with full recompute."""
-    selective: bool = False
-    """Remaining blocks: keep attention outputs, recompute everything else."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,29 +36,6 @@ class Compile:
     """None: dynamo makes a dim dynamic once it changes (training buckets); False: static."""
     mode: str | None = None
     """Inductor mode, e.g. "reduce-overhead" (CUDA graphs, static shapes, sampling) or "max-autotune"."""
-
-
-_ATTN_OPS = tuple(getattr(torch.ops.aten, n) for n in (
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
-    if hasattr(torch.ops.aten, n))
-
-
-def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    packet = getattr(op, "overloadpacket", op)  # the policy sees overloads (aten.x.default)
-    return CheckpointPolicy.MUST_SAVE if packet in _ATTN_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def with_recompute(fn: Callable, mode: Literal["none", "full", "selective"]) -> Callable:
-    if mode == "none":
-        return fn
-
-    def run(p: Params, *args, **kw):
-        extra = {} if mode == "full" else {
-            "context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_attention)}
-        return checkpoint(fn, p, *args, use_reentrant=False, **extra, **kw)
-
-    return run
 
 
 def compiled(fn: Callable, c: Compile, backend_fn: Callable | None = None) -> Callable:
@@ -99,10 +59,12 @@ def make_blocks(*, prepare: Callable[[Params], Params] | None = None, recompute:
     cache: dict[tuple[str, str], Callable] = {}
     if compile.backend == "auto":
         compile = dataclasses.replace(compile, backend=backends.default_compile_backend(device))
+    if recompute.offload and (compile.backend != "none" or backend_fn is not None):
+        raise ValueError("recompute.offload runs the blocks eagerly (torch.compile cannot trace its offload "
+                         "hooks): use compile.backend none, or selective recompute without offload")
 
     def fn_for(kind: str, i: int) -> Callable:
-        full = recompute.double_full if kind == "double" else recompute.single_full
-        mode = "full" if i < full else ("selective" if recompute.selective else "none")
+        mode = recompute.mode(kind, i)
         if (kind, mode) not in cache:
             block = dit.double_block if kind == "double" else dit.single_block
 

@@ -29,7 +29,7 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def _cpu_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
+def _cpu_levels(fn: Callable[[], Any]) -> tuple[Any, int, int]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -40,20 +40,32 @@ def _cpu_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
     for e in sorted(events, key=lambda e: e.start_ns()):
         level += e.nbytes()
         peak = max(peak, level)
-    return out, peak
+    return out, peak, level
 
 
-def _device_peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
+def _device_levels(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int, int]:
     mod = getattr(torch, device.type)  # torch.cuda, or torch.npu once torch_npu is imported
     mod.synchronize(device)
     mod.reset_peak_memory_stats(device)
     start = mod.memory_allocated(device)
     out = fn()
     mod.synchronize(device)
-    return out, mod.max_memory_allocated(device) - start
+    return out, mod.max_memory_allocated(device) - start, mod.memory_allocated(device) - start
+
+
+def _levels(fn: Callable[[], Any], device: torch.device | str) -> tuple[Any, int, int]:
+    device = torch.device(device)
+    return _cpu_levels(fn) if device.type == "cpu" else _device_levels(fn, device)
 
 
 def peak_memory(fn: Callable[[], Any], *, device: torch.device | str = "cpu") -> tuple[Any, int]:
     """(fn(), peak bytes allocated on `device` during the call above the starting level)."""
-    device = torch.device(device)
-    return _cpu_peak(fn) if device.type == "cpu" else _device_peak(fn, device)
+    out, peak, _ = _levels(fn, device)
+    return out, peak
+
+
+def held_memory(fn: Callable[[], Any], *, device: torch.device | str = "cpu") -> tuple[Any, int]:
+    """(fn(), bytes still allocated on `device` when the call returns): for a forward, what
+    autograd keeps for the backward (plus the output)."""
+    out, _, held = _levels(fn, device)
+    return out, held

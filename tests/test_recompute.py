@@ -2,12 +2,13 @@
 
 import collections
 
+import pytest
 import torch
 from conftest import dit_inputs, random_params
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from graphs.blocks import Recompute, make_blocks
-from graphs.memory import peak_memory
+from graphs.blocks import Compile, Recompute, make_blocks
+from graphs.memory import held_memory, peak_memory
 from hvfunc import dit
 from hvfunc.config import DIT_PRESETS
 
@@ -42,14 +43,15 @@ def test_recompute_cuts_memory_keeps_results_and_selective_keeps_attention():
 
     out = {}
     for name, rc in (("none", Recompute()), ("full", Recompute(double_full=3, single_full=4)),
-                     ("selective", Recompute(selective=True))):
+                     ("selective", Recompute(selective=True)),
+                     ("offload", Recompute(double_full=1, selective=True, offload=True))):
         loss, peak = peak_memory(step(rc))  # gradients of the weights are the same size in every mode
         grads = {k: v.grad.clone() for k, v in params.items()}
         with _CountAttention() as count:
             step(rc)()
         out[name] = (loss, grads, peak, count.n)
     loss0, grads0, peak0, n0 = out["none"]
-    for name in ("full", "selective"):
+    for name in ("full", "selective", "offload"):
         loss, grads, peak, n = out[name]
         assert torch.equal(loss, loss0)
         assert all(torch.allclose(grads[k], grads0[k], rtol=1e-5, atol=1e-7) for k in grads0), name
@@ -57,3 +59,28 @@ def test_recompute_cuts_memory_keeps_results_and_selective_keeps_attention():
     refiner = cfg.text_refiner_depth
     assert out["full"][3]["forward"] == refiner + 2 * blocks_total  # blocks recompute their attention
     assert out["selective"][3]["forward"] == n0["forward"] == refiner + blocks_total  # kept, not redone
+    assert out["offload"][3]["forward"] == n0["forward"] + 1  # kept (copied out and back), but block 0's is redone
+
+
+def test_selective_keeps_exactly_the_attention_outputs():
+    """Held after the forward: selective = full + one [B, L, D] attention output per block
+    (+ its small log-sum-exp); offload on CPU copies them (the host is the device here)."""
+    cfg = DIT_PRESETS["tiny"].replace(hidden_size=128, rope_dim_list=(8, 12, 12), mm_double_blocks_depth=2,
+                                      mm_single_blocks_depth=3)
+    params = {k: v.requires_grad_(True) for k, v in random_params(cfg, scale=0.05).items()}
+    inp = dit_inputs(cfg, B=1, lens=(12,), T=4, H=16, W=16)
+    held = {}  # "full" twice: the first call also allocates one-time buffers
+    for name, rc in (("full", Recompute(double_full=2, single_full=3)), ("selective", Recompute(selective=True)),
+                     ("offload", Recompute(selective=True, offload=True)), ("full", Recompute(double_full=2,
+                                                                                              single_full=3))):
+        out, held[name] = held_memory(lambda: dit.forward(params, **inp, cfg=cfg, blocks=make_blocks(recompute=rc)))
+    kept = 5 * (4 * 8 * 8 + 12) * cfg.hidden_size * 4
+    assert kept <= held["selective"] - held["full"] <= 1.1 * kept, (held, kept)
+    assert held["offload"] == held["selective"]
+
+
+def test_offload_rejects_compile_and_needs_selective():
+    with pytest.raises(ValueError, match="eagerly"):
+        make_blocks(recompute=Recompute(selective=True, offload=True), compile=Compile(backend="aot_eager"))
+    with pytest.raises(ValueError, match="selective"):
+        make_blocks(recompute=Recompute(offload=True)).double(0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from dist import spawn
 
+from graphs.recompute import Recompute
 from hvfunc.config import DIT_PRESETS
 from hvfunc.data.features import build_index, write_sample
 from hvfunc.dit_spec import dit_spec
@@ -79,7 +80,8 @@ def test_resume_continues_the_same_trajectory(tmp):
 
 
 def test_checkpoint_reshards_across_meshes(tmp):
-    """Save at dp-shard 2 x tp 2 (step 2); resume at one process and at cp 2: step 3 is the same."""
+    """Save at dp-shard 2 x tp 2 (step 2); resume at one process and at cp 2: step 3 is the same.
+    The cp 2 run also recomputes (full / selective with offload): that changes memory, not results."""
     import shutil
 
     feats = make_features(tmp / "feats")
@@ -93,7 +95,8 @@ def test_checkpoint_reshards_across_meshes(tmp):
     for world, par in ((1, ParallelConfig()), (2, ParallelConfig(dp_shard=1, cp=2))):
         run = tmp / f"y{world}"
         shutil.copytree(tmp / "ref" / "checkpoints", run / "checkpoints")
-        (step3,) = _spawn_train(world, [_cfg(feats, run, steps=3, parallel=par, batch_size=4)], tmp)
+        rc = Recompute(double_full=1, selective=True, offload=True) if world == 2 else Recompute()
+        (step3,) = _spawn_train(world, [_cfg(feats, run, steps=3, parallel=par, batch_size=4, recompute=rc)], tmp)
         assert step3 == pytest.approx(ref[1], rel=1e-5)  # the global batch (4) is the same: same data
         a, b = _final_params(run), ref_params
         for k in a:

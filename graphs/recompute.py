@@ -1,0 +1,185 @@
+"""Activation recompute per block: full, selective (keep attention outputs) and selective
+with the kept attention outputs offloaded to pinned host memory.
+
+Modes (per stream, like the seed's double/single_stream_full_recompute_layers):
+  full       the first N blocks keep only their inputs and recompute everything
+  selective  the other blocks keep attention outputs and recompute the rest (matmuls,
+             norms, parameter gathers): attention is the costliest op to redo
+  offload    selective, but each kept attention output [B, L, N, K] (and its log-sum-exp)
+             is copied to pinned host memory on a side stream as soon as attention has
+             produced it, so the device holds only the block inputs until backward. The
+             backward's recompute starts copying them back on the side stream when it
+             enters the block, overlapping the copy with the recomputed q|k|v matmuls.
+             On CPU the "host" copy is a plain copy (no memory saved; it runs so the
+             path is tested everywhere).
+Offload is a pair of dispatch modes (save/offload in the forward, replay in the recompute)
+handed to torch.utils.checkpoint as its context_fn, so it runs the blocks eagerly:
+torch.compile accepts only torch's own selective-checkpoint contexts inside a graph.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from hvfunc.params import Params
+
+Mode = Literal["none", "full", "selective", "offload"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recompute:
+    """Activation recompute per stream."""
+
+    double_full: int = 0
+    """Double-stream blocks (from the first) with full recompute."""
+    single_full: int = 0
+    """Single-stream blocks (from the first) with full recompute."""
+    selective: bool = False
+    """Remaining blocks: keep attention outputs, recompute everything else."""
+    offload: bool = False
+    """With selective: keep those attention outputs in pinned host memory, copied
+    asynchronously (saves device memory on CUDA/NPU; blocks run eagerly)."""
+
+    def mode(self, kind: str, i: int) -> Mode:
+        """The mode of double ("double") or single ("single") block i."""
+        if self.offload and not self.selective:
+            raise ValueError("recompute.offload moves the attention outputs that selective recompute keeps: "
+                             "set recompute.selective too")
+        if i < (self.double_full if kind == "double" else self.single_full):
+            return "full"
+        return ("offload" if self.offload else "selective") if self.selective else "none"
+
+
+_ATTN_OPS = tuple(getattr(torch.ops.aten, n) for n in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, n))
+
+
+def is_attention(op) -> bool:
+    """An attention kernel (the policy sees overloads like aten.x.default)."""
+    packet = getattr(op, "overloadpacket", op)
+    return packet in _ATTN_OPS or "npu_fusion_attention" in str(packet)  # torch_npu's, when loaded
+
+
+def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if is_attention(op) else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@dataclass
+class _Host:
+    tensor: Tensor  # pinned, on the host
+    device: torch.device  # where it came from
+
+
+class _Store:
+    """The attention outputs of one checkpointed call, in host memory between its forward
+    and its recompute. Copies run on a side stream of the tensors' accelerator."""
+
+    def __init__(self) -> None:
+        self.host: list = []
+        self.back: list = []
+        self.stream = None
+
+    def _side(self, device: torch.device):
+        mod = getattr(torch, device.type)
+        if self.stream is None:
+            self.stream = mod.Stream(device)
+        return mod, self.stream
+
+    def offload(self, out) -> None:
+        def down(t):
+            if not isinstance(t, Tensor) or t.device.type == "cpu":
+                return t.clone() if isinstance(t, Tensor) else t
+            mod, side = self._side(t.device)
+            side.wait_stream(mod.current_stream(t.device))  # t is complete on the compute stream
+            with mod.stream(side):
+                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            t.record_stream(side)  # its memory is not reused before the copy has read it
+            return _Host(h, t.device)
+
+        self.host.append(tree_map(down, out, is_leaf=lambda x: isinstance(x, Tensor)))
+
+    def start_reload(self) -> None:
+        def up(e):
+            if not isinstance(e, _Host):
+                return e
+            mod, side = self._side(e.device)
+            with mod.stream(side):
+                return e.tensor.to(e.device, non_blocking=True)
+
+        self.back = [tree_map(up, e, is_leaf=lambda x: isinstance(x, _Host)) for e in self.host]
+        self.host = []
+
+    def take(self, i: int):
+        out = self.back[i]
+        self.back[i] = None
+        if self.stream is not None:
+            def ready(t):
+                if isinstance(t, Tensor) and t.device.type != "cpu":
+                    mod = getattr(torch, t.device.type)
+                    mod.current_stream(t.device).wait_stream(self.stream)
+                    t.record_stream(mod.current_stream(t.device))
+                return t
+
+            out = tree_map(ready, out)
+        return out
+
+
+class _Offload(TorchDispatchMode):
+    def __init__(self, store: _Store) -> None:
+        super().__init__()
+        self.store = store
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if is_attention(func):
+            self.store.offload(out)
+        return out
+
+
+class _Replay(TorchDispatchMode):
+    def __init__(self, store: _Store) -> None:
+        super().__init__()
+        self.store, self.i = store, 0
+
+    def __enter__(self):
+        self.store.start_reload()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not is_attention(func):
+            return func(*args, **(kwargs or {}))
+        if self.i >= len(self.store.back):
+            raise RuntimeError("attention ran more often in the recompute than in the forward "
+                               "(the block must be deterministic in its control flow)")
+        self.i += 1
+        return self.store.take(self.i - 1)
+
+
+def _offload_contexts() -> tuple[TorchDispatchMode, TorchDispatchMode]:
+    store = _Store()
+    return _Offload(store), _Replay(store)
+
+
+def with_recompute(fn: Callable, mode: Mode) -> Callable:
+    """fn under the recompute mode (non-reentrant checkpoint; identity for "none")."""
+    if mode == "none":
+        return fn
+    context = {"full": None, "selective": functools.partial(create_selective_checkpoint_contexts, _keep_attention),
+               "offload": _offload_contexts}[mode]
+
+    def run(p: Params, *args, **kw):
+        extra = {} if context is None else {"context_fn": context}
+        return checkpoint(fn, p, *args, use_reentrant=False, **extra, **kw)
+
+    return run
