@@ -82,6 +82,9 @@ class TrainBench(DiTBench):
 
     recompute: bool = True
     """Training-step memory mode (see DiTBench.recompute)."""
+    recompute_mode: Literal["full", "selective", "offload"] = "full"
+    """Ours: full recompute of every block, selective (keep attention outputs), or selective
+    with those outputs offloaded to pinned host memory (runs eagerly: no compile)."""
 
 
 def _inputs(b: DiTBench, cfg: DiTConfig, device: torch.device) -> dict:
@@ -120,9 +123,11 @@ def bench_dit(b: DiTBench) -> list[dict]:
         for v in params.values():
             v.requires_grad_(True)
         if b.recompute:
-            full = make_blocks(recompute=Recompute(double_full=b.double, single_full=b.single),
-                               compile=Compile(backend=b.compile if b.compile != "none" else "none"))
-            impls = {"hvfunc+recompute": lambda: dit.forward(params, **inp, cfg=cfg, blocks=full),
+            mode = getattr(b, "recompute_mode", "full")
+            rc = (Recompute(double_full=b.double, single_full=b.single) if mode == "full"
+                  else Recompute(selective=True, offload=mode == "offload"))
+            full = make_blocks(recompute=rc, compile=Compile(backend="none" if mode == "offload" else b.compile))
+            impls = {f"hvfunc+recompute ({mode})": lambda: dit.forward(params, **inp, cfg=cfg, blocks=full),
                      "diffusers+checkpointing": impls["diffusers"]}
             ref.enable_gradient_checkpointing()
             ref.train()
