@@ -61,12 +61,6 @@ class TPHooks:
 NO_TP = TPHooks()
 
 
-def _heads(qkv_BL3D: Tensor, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """[B, L, 3*N*K] in "(3 N K)" order -> q, k, v [B, L, N, K] (N local to this rank)."""
-    B, L, _ = qkv_BL3D.shape
-    return qkv_BL3D.view(B, L, 3, -1, head_dim).unbind(2)
-
-
 def _cond(tp: TPHooks, vec: Tensor, vec_first: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Both modulation inputs through one tp.cond: a rank holding no frame-0 token leaves
     vec_first unused, and its gradient collective must still run on every rank."""
@@ -94,7 +88,7 @@ def refiner_block(p: Params, x_BSD: Tensor, c_BD: Tensor, kv_len: Tensor | None,
     """Token refiner block: affine LayerNorms, gates only (no shift/scale), SiLU MLP, no qk norm."""
     g_msa, g_mlp = linear(F.silu(c_BD), p, "adaLN_modulation.1").chunk(2, dim=-1)
     h = layer_norm(x_BSD, EPS, p["norm1.weight"], p["norm1.bias"])
-    q, k, v = _heads(linear(h, p, "self_attn_qkv"), cfg.head_dim)
+    q, k, v = ops.qkv(h, p, "self_attn_qkv", cfg.head_dim)
     x_BSD = gate(x_BSD, linear(attn(q, k, v, kv_len).flatten(2), p, "self_attn_proj"), g_msa)
     h = layer_norm(x_BSD, EPS, p["norm2.weight"], p["norm2.bias"])
     return gate(x_BSD, linear(F.silu(linear(h, p, "mlp.fc1")), p, "mlp.fc2"), g_mlp)
@@ -116,11 +110,11 @@ def double_block(p: Params, img: Tensor, txt: Tensor, vec: Tensor, *, rope: tupl
     K = cfg.head_dim
 
     h = tp.enter(split_first(modulate, first, (layer_norm(img, EPS),), mi[0:2], f(0, 2)), "img")
-    qi, ki, vi = _heads(linear(h, p, "img_attn_qkv"), K)
+    qi, ki, vi = ops.qkv(h, p, "img_attn_qkv", K)
     qi, ki = _qk_norm(p, qi, ki, "img_attn_q_norm", "img_attn_k_norm")
     qi, ki = ops.apply_rope(qi, *rope), ops.apply_rope(ki, *rope)
     h = tp.enter(modulate(layer_norm(txt, EPS), mt[0], mt[1]), "txt")
-    qt, kt, vt = _heads(linear(h, p, "txt_attn_qkv"), K)
+    qt, kt, vt = ops.qkv(h, p, "txt_attn_qkv", K)
     qt, kt = _qk_norm(p, qt, kt, "txt_attn_q_norm", "txt_attn_k_norm")
 
     o = attn(torch.cat([qi, qt], 1), torch.cat([ki, kt], 1), torch.cat([vi, vt], 1), kv_len).flatten(2)
@@ -153,7 +147,7 @@ def single_block(p: Params, x: Tensor, vec: Tensor, *, n_txt: int, rope: tuple[T
     mf = None if vfc is None else linear(F.silu(vfc), p, "modulation.linear").chunk(3, dim=-1)
     h = tp.enter(split_first(modulate, first, (layer_norm(x, EPS),), m[0:2], None if mf is None else mf[0:2]),
                  "joint")
-    q, k, v = _heads(linear(h, p, "linear1_qkv"), cfg.head_dim)
+    q, k, v = ops.qkv(h, p, "linear1_qkv", cfg.head_dim)
     q, k = _qk_norm(p, q, k, "q_norm", "k_norm")
     L = q.shape[1] - n_txt
     q = torch.cat([ops.apply_rope(q[:, :L], *rope), q[:, L:]], 1)

@@ -25,6 +25,50 @@ def linear(x: Tensor, p: dict[str, Tensor], name: str) -> Tensor:
     return F.linear(x.to(w.dtype), w, b)
 
 
+class _QKV(torch.autograd.Function):
+    """q, k, v [B, L, N*K] from the fused [3, N*K, D] weight, as three GEMMs into three
+    buffers: views of one [B, L, 3*N*K] output would keep all of it alive while the qk
+    norms hold q and k for the backward (v's third too). The backward takes the three
+    gradients one at a time (dx accumulates, dW fills its thirds in place), so no
+    [B, L, 3*N*K] gradient or [3, N*K, D]-per-part weight-gradient buffer is assembled."""
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(F.linear(x, w[i], None if b is None else b[i]) for i in range(3))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, w, b = inputs
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        x, w = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        gx = torch.zeros_like(x2) if ctx.needs_input_grad[0] else None
+        gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        gb = w.new_zeros(w.shape[:2]) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            g2 = g.reshape(-1, g.shape[-1])
+            if gx is not None:
+                gx = gx.addmm(g2, w[i])
+            if gw is not None:
+                gw[i] = g2.t() @ x2
+            if gb is not None:
+                gb[i] = g2.sum(0)
+        return (None if gx is None else gx.view(x.shape)), gw, gb
+
+
+def qkv(x: Tensor, p: dict[str, Tensor], name: str, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v [B, L, N, K] of the fused `name` ([3, N*K, D] weight, N local under tp)."""
+    w, b = p[f"{name}.weight"], p.get(f"{name}.bias")
+    q, k, v = _QKV.apply(x.to(w.dtype), w, b)
+    return tuple(t.unflatten(-1, (-1, head_dim)) for t in (q, k, v))
+
+
 def matmul(x: Tensor, w: Tensor) -> Tensor:
     """`x @ w.T` in w's dtype (row-parallel matmuls whose bias is added after the tp reduction)."""
     return F.linear(x.to(w.dtype), w)
