@@ -89,3 +89,24 @@ def test_attention_backends_by_name():
     if importlib.util.find_spec("torch_npu") is None:
         with pytest.raises(ValueError, match="torch_npu"):
             attention_backend("npu")
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-i2v"])
+def test_training_buckets_stop_recompiling_after_the_second_shape(name):
+    """Compile(dynamic=None), the training default: the second bucket shape makes the
+    changed dims dynamic, later shapes (frames, sizes, text lengths) reuse those graphs;
+    static shapes (sampling) compile once per shape."""
+    cfg = DIT_PRESETS[name]
+    params = {k: v.requires_grad_(True) for k, v in random_params(cfg).items()}
+    shapes = [(3, 8, 6, 12, (5, 9)), (2, 8, 8, 10, (7, 10)), (4, 6, 10, 12, (3, 12)), (3, 10, 6, 9, (9, 4))]
+    counts = {}
+    for dynamic in (None, False):
+        torch._dynamo.reset()
+        cnt = CompileCounterWithBackend("aot_eager")
+        blocks = make_blocks(compile=Compile(dynamic=dynamic), backend_fn=cnt, recompute=Recompute(selective=True))
+        counts[dynamic] = []
+        for T, H, W, S, lens in shapes:
+            _fwd_bwd(cfg, params, dit_inputs(cfg, T=T, H=H, W=W, S=S, lens=lens), blocks)
+            counts[dynamic].append(cnt.frame_count)
+    assert counts[None][1] == counts[None][2] == counts[None][3], counts
+    assert counts[False] == [2, 4, 6, 8], counts
