@@ -85,6 +85,9 @@ def static_runner(step: sample.Step, capture: Capture = cuda_capture) -> sample.
     state: dict = {}
 
     def run(x: Tensor, t: Tensor, dt: Tensor) -> Tensor:
+        if capture is cuda_capture and x.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs CUDA tensors; the latents are on {x.device} "
+                             "(CUDA graphs do not exist there: use cuda_graph=False)")
         e = step.embed(x, t)
         inputs = {"x": x, "dt": dt, "cos": e.rope[0], "sin": e.rope[1], **{k: getattr(e, k) for k in _TENSORS}}
         sig = (e.grid, e.first, {k: None if v is None else (v.shape, v.dtype, v.device) for k, v in inputs.items()})
@@ -108,9 +111,6 @@ def denoise(params, noise: Tensor, cond: sample.Cond, uncond: sample.Cond | None
     """hvfunc.sample.denoise with compiled blocks and, if asked, the step in a CUDA graph.
 
     kw: cfg, sampling, image_latents, attn, callback (as hvfunc.sample.denoise)."""
-    if graphs.cuda_graph and noise.device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs CUDA tensors; the noise is on {noise.device} "
-                         "(CUDA graphs do not exist there: use cuda_graph=False)")
     blocks = sampling_blocks(graphs, device=noise.device, backend_fn=backend_fn)
     return sample.denoise(params, noise, cond, uncond, blocks=blocks,
                           runner=static_runner if graphs.cuda_graph else None, **kw)
