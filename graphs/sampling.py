@@ -30,6 +30,7 @@ from torch import Tensor
 
 from graphs.blocks import Backend, Compile, make_blocks
 from hvfunc import dit, sample
+from hvfunc.params import Params
 
 # Embedded fields that change every step (copied into the graph's buffers); grid and
 # first are ints fixed by the run's shapes.
@@ -59,7 +60,8 @@ def cuda_capture(fn: Callable[[], Tensor], *, warmup: int = 2) -> Callable[[], T
     """Record fn (reading only static buffers) in a CUDA graph; returns replay() -> its output buffer.
 
     Warm-up runs on a side stream first (compiles, cuBLAS / SDPA workspaces, lazy init), as the
-    torch.cuda.graphs docs require, so nothing allocates or compiles during capture."""
+    torch.cuda.graphs docs require, so nothing compiles or initialises during capture; what the
+    captured step allocates comes from the graph's private memory pool."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -106,7 +108,7 @@ def static_runner(step: sample.Step, capture: Capture = cuda_capture) -> sample.
     return run
 
 
-def denoise(params, noise: Tensor, cond: sample.Cond, uncond: sample.Cond | None = None, *,
+def denoise(params: Params, noise: Tensor, cond: sample.Cond, uncond: sample.Cond | None = None, *,
             graphs: SampleGraphs = SampleGraphs(), backend_fn: Callable | None = None, **kw) -> Tensor:
     """hvfunc.sample.denoise with compiled blocks and, if asked, the step in a CUDA graph.
 
