@@ -97,15 +97,21 @@ def _inputs(b: DiTBench, cfg: DiTConfig, device: torch.device) -> dict:
                 guidance=torch.full((b.batch,), 6000.0, device=device))
 
 
-def bench_dit(b: DiTBench) -> list[dict]:
+def models(b: DiTBench, device: torch.device, dtype: torch.dtype) -> tuple[dict, torch.nn.Module]:
+    """Our params (zero-initialised leaves drawn N(0, 0.02)) and diffusers' transformer holding the same weights."""
     from diffusers import HunyuanVideoTransformer3DModel
 
-    device, dtype, cfg = torch.device(b.device), DTYPES[b.dtype], b.model()
+    cfg = b.model()
     params = {k: v.normal_(0, 0.02) if not v.any() else v for k, v in
               init(dit_spec(cfg), dtype=dtype, device=device).items()}
     ref = HunyuanVideoTransformer3DModel(**{k: v for k, v in ckpt.diffusers_config(cfg).items() if k[0] != "_"})
     ref.load_state_dict(ckpt.dit_to_diffusers(params, cfg))
-    ref = ref.to(device=device, dtype=dtype).eval()
+    return params, ref.to(device=device, dtype=dtype).eval()
+
+
+def bench_dit(b: DiTBench) -> list[dict]:
+    device, dtype, cfg = torch.device(b.device), DTYPES[b.dtype], b.model()
+    params, ref = models(b, device, dtype)
     inp = _inputs(b, cfg, device)
     ref_inp = dict(hidden_states=inp["x"].to(dtype), timestep=inp["t"], encoder_hidden_states=inp["text_states"].to(dtype),
                    encoder_attention_mask=inp["text_mask"], pooled_projections=inp["text_states_2"].to(dtype),

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from graphs.blocks import Backend, Compile, make_blocks
 from hvfunc import dit, sample
+from hvfunc.params import Params
 
 # Embedded fields that change every step (copied into the graph's buffers); grid and
 # first are ints fixed by the run's shapes.
@@ -59,7 +60,8 @@ def cuda_capture(fn: Callable[[], Tensor], *, warmup: int = 2) -> Callable[[], T
     """Record fn (reading only static buffers) in a CUDA graph; returns replay() -> its output buffer.
 
     Warm-up runs on a side stream first (compiles, cuBLAS / SDPA workspaces, lazy init), as the
-    torch.cuda.graphs docs require, so nothing allocates or compiles during capture."""
+    torch.cuda.graphs docs require, so nothing compiles or initialises during capture; what the
+    captured step allocates comes from the graph's private memory pool."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -85,6 +87,9 @@ def static_runner(step: sample.Step, capture: Capture = cuda_capture) -> sample.
     state: dict = {}
 
     def run(x: Tensor, t: Tensor, dt: Tensor) -> Tensor:
+        if capture is cuda_capture and x.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs CUDA tensors; the latents are on {x.device} "
+                             "(CUDA graphs do not exist there: use cuda_graph=False)")
         e = step.embed(x, t)
         inputs = {"x": x, "dt": dt, "cos": e.rope[0], "sin": e.rope[1], **{k: getattr(e, k) for k in _TENSORS}}
         sig = (e.grid, e.first, {k: None if v is None else (v.shape, v.dtype, v.device) for k, v in inputs.items()})
@@ -103,14 +108,11 @@ def static_runner(step: sample.Step, capture: Capture = cuda_capture) -> sample.
     return run
 
 
-def denoise(params, noise: Tensor, cond: sample.Cond, uncond: sample.Cond | None = None, *,
+def denoise(params: Params, noise: Tensor, cond: sample.Cond, uncond: sample.Cond | None = None, *,
             graphs: SampleGraphs = SampleGraphs(), backend_fn: Callable | None = None, **kw) -> Tensor:
     """hvfunc.sample.denoise with compiled blocks and, if asked, the step in a CUDA graph.
 
     kw: cfg, sampling, image_latents, attn, callback (as hvfunc.sample.denoise)."""
-    if graphs.cuda_graph and noise.device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs CUDA tensors; the noise is on {noise.device} "
-                         "(CUDA graphs do not exist there: use cuda_graph=False)")
     blocks = sampling_blocks(graphs, device=noise.device, backend_fn=backend_fn)
     return sample.denoise(params, noise, cond, uncond, blocks=blocks,
                           runner=static_runner if graphs.cuda_graph else None, **kw)

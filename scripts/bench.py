@@ -4,6 +4,8 @@
     python scripts/bench.py dit --hidden 3072 --heads 24 --device cuda --dtype bf16 ...
     python scripts/bench.py train                        # a training step: ours with full recompute vs
                                                          # diffusers with gradient checkpointing
+    python scripts/bench.py sample                       # one sampling step (forward + Euler): eager,
+                                                         # compiled blocks, CUDA graph (on CUDA) vs diffusers
     python scripts/bench.py vae [--preset hunyuan-video --frames 9 --height 128 --width 128]
     python scripts/bench.py decode          # decord vs PyAV per clip
     python scripts/bench.py extract         # feature extraction clips/s, tiny models
@@ -21,18 +23,22 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from graphs import bench, bench_data, bench_vae  # noqa: E402
+from graphs import bench, bench_data, bench_sample, bench_vae  # noqa: E402
 from graphs.bench_dit import DiTBench, TrainBench, bench_dit  # noqa: E402
 
-COLS = {"dit": ["bench", "impl", "seconds", "ratio", "tokens_per_s", "tflops", "mfu", "peak_mem_gb", "dtype"]}
-BENCHES = {"dit": (DiTBench, bench_dit), "train": (TrainBench, bench_dit), "vae": (bench_vae.VAEBench, bench_vae.run),
+COLS = {"dit": ["bench", "impl", "seconds", "ratio", "tokens_per_s", "tflops", "mfu", "peak_mem_gb", "dtype"],
+        "sample": ["bench", "impl", "seconds", "ratio", "rel_err", "tokens_per_s", "tflops", "mfu", "peak_mem_gb",
+                   "dtype"]}
+BENCHES = {"dit": (DiTBench, bench_dit), "train": (TrainBench, bench_dit), "sample": (bench_sample.SampleBench,
+                                                                                  bench_sample.run),
+           "vae": (bench_vae.VAEBench, bench_vae.run),
            "decode": (bench_data.DecodeBench, bench_data.run),
            "extract": (bench_data.ExtractBench, bench_data.run_extract)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = tyro.extras.subcommand_cli_from_dict({k: c for k, (c, _) in BENCHES.items()}, args=argv)
-    name, run = next((k, fn) for k, (c, fn) in BENCHES.items() if isinstance(cfg, c))
+    name, run = next((k, fn) for k, (c, fn) in BENCHES.items() if type(cfg) is c)  # configs subclass DiTBench
     rows = run(cfg)
     print(f"machine: {bench.machine()}")
     print(bench.markdown(rows, COLS.get(name)))
