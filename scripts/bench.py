@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from graphs import bench, bench_data, bench_sample, bench_vae  # noqa: E402
 from graphs.bench_dit import DiTBench, TrainBench, bench_dit  # noqa: E402
 
-COLS = {"dit": ["bench", "impl", "seconds", "ratio", "tokens_per_s", "tflops", "mfu", "peak_mem_gb", "dtype"],
+_DIT_COLS = ["bench", "impl", "seconds", "ratio", "tokens_per_s", "tflops", "mfu", "peak_mem_gb", "dtype"]
+COLS = {"dit": _DIT_COLS, "train": _DIT_COLS,
         "sample": ["bench", "impl", "seconds", "ratio", "rel_err", "tokens_per_s", "tflops", "mfu", "peak_mem_gb",
                    "dtype"]}
 BENCHES = {"dit": (DiTBench, bench_dit), "train": (TrainBench, bench_dit), "sample": (bench_sample.SampleBench,
