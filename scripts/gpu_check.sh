@@ -2,6 +2,8 @@
 # The prepared script for a lent GPU machine (device tool). Sections run in the order given:
 #   bash scripts/gpu_check.sh dit tests      # full-width DiT bench; CPU tests on that machine's torch
 #   bash scripts/gpu_check.sh vae train      # VAE/text GPU tests + VAE fp16 bench; training-step MFU
+#   bash scripts/gpu_check.sh new            # GPU tests not run yet: offload memory, CUDA-graph sampling;
+#                                            # sampling-step and offload benches at full width
 # Results go to $OUT. Wheels the image lacks (diffusers, tyro, ...) travel in .whl/.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -34,5 +36,12 @@ for section in "$@"; do
     train)  # >= 30k video tokens (9 x 90 x 160 latent = 720p, 33 frames), full recompute, compiled
       timeout 300 python3 scripts/bench.py train $FULL --frames 9 --height 90 --width 160 --repeats 3 \
         --compile inductor --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log" | grep -v Warning ;;
+    new)
+      timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/test_recompute_gpu.py tests/test_sample_gpu.py \
+        2>&1 | tee "$OUT/new_gpu_tests.log" | tail -8
+      timeout 200 python3 scripts/bench.py sample $FULL --frames 9 --height 68 --width 120 --repeats 5 \
+        --compile inductor --json "$OUT/sample.json" 2>&1 | tee "$OUT/sample.log" | grep -v Warning
+      timeout 200 python3 scripts/bench.py train $FULL --frames 9 --height 90 --width 160 --repeats 3 \
+        --recompute-mode offload --json "$OUT/train_offload.json" 2>&1 | tee "$OUT/train_offload.log" | grep -v Warning ;;
   esac
 done
