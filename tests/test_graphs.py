@@ -110,3 +110,51 @@ def test_training_buckets_stop_recompiling_after_the_second_shape(name):
             counts[dynamic].append(cnt.frame_count)
     assert counts[None][1] == counts[None][2] == counts[None][3], counts
     assert counts[False] == [2, 4, 6, 8], counts
+
+
+def test_adapter_leaves_ride_through_prepare_into_the_same_compiled_blocks():
+    """LoRA-style extra leaves need no second block code path: `prepare` (where the FSDP
+    gather and the precision cast live) merges W + up @ down before the pure block runs,
+    inside the compiled region. Same number of graphs; equal to the plain model with
+    pre-merged weights; gradients reach only the adapter leaves."""
+    cfg = DIT_PRESETS["tiny"]
+    base = random_params(cfg)
+    g = torch.Generator().manual_seed(3)
+    adapters = {}
+    for k, v in base.items():
+        if k.startswith(("double_blocks.", "single_blocks.")) and k.endswith(("mlp.fc1.weight", "linear1_mlp.weight")):
+            stem = k[: -len(".weight")]
+            adapters[f"{stem}.lora_down.weight"] = (torch.randn(4, v.shape[1], generator=g) * 0.1).requires_grad_(True)
+            adapters[f"{stem}.lora_up.weight"] = (torch.randn(v.shape[0], 4, generator=g) * 0.1).requires_grad_(True)
+
+    def merge(p):
+        out = {k: v for k, v in p.items() if ".lora_" not in k}
+        for k in [k for k in p if k.endswith(".lora_down.weight")]:
+            stem = k[: -len(".lora_down.weight")]
+            out[f"{stem}.weight"] = p[f"{stem}.weight"] + p[f"{stem}.lora_up.weight"] @ p[k]
+        return out
+
+    params, inp = base | adapters, dit_inputs(cfg)
+    outer = {k: v for k, v in params.items() if not k.startswith(("double_blocks.", "single_blocks."))}
+    merged = merge({k: v.detach() for k, v in params.items()})
+    with torch.no_grad():
+        want = dit.forward(merged, **inp, cfg=cfg)
+    results, counts = [], []
+    for c in (None, CompileCounterWithBackend("aot_eager")):
+        torch._dynamo.reset()
+        blocks = make_blocks(prepare=merge, recompute=Recompute(selective=True), backend_fn=c)
+        for v in adapters.values():
+            v.grad = None
+        out = dit.forward(outer | {k: v for k, v in params.items() if k not in outer}, **inp, cfg=cfg, blocks=blocks)
+        out.square().mean().backward()
+        results.append((out.detach(), {k: v.grad.clone() for k, v in adapters.items()}))
+        counts.append(c.frame_count if c else None)
+    assert rel_err(results[0][0], want) <= TOL and rel_err(results[1][0], want) <= TOL
+    assert all(rel_err(results[1][1][k], results[0][1][k]) <= TOL for k in adapters)
+    assert all(not v.requires_grad for v in base.values())
+    torch._dynamo.reset()
+    plain = CompileCounterWithBackend("aot_eager")
+    dit.forward(merged, **inp, cfg=cfg, blocks=make_blocks(recompute=Recompute(selective=True), backend_fn=plain))
+    # one graph more than the plain model: with frozen embedders the first block's input needs
+    # no gradient and the later blocks' inputs do (a guard on requires_grad), at any depth
+    assert counts[1] == plain.frame_count + 1
