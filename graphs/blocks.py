@@ -5,6 +5,12 @@ gather and precision cast from parallel/ or graphs.precision) and the pure block
 under the recompute mode chosen for i, compiled once per distinct mode, so the number of
 compiled graphs does not grow with depth. Nothing here changes results.
 
+The checkpoint is inside the compiled graph (`compiled(with_recompute(body))`), so the
+selective policy sees the graph's ops and keeps attention outputs. With DTensor leaves
+the gather is inside too: the local shards are taken before the graph and gathered in it
+with functional collectives (parallel.gather), so the all-gathers, their recompute and
+the backward reduce-scatters are graph nodes.
+
 Recompute modes per block (full / selective / offload / none): graphs/recompute.py.
 """
 
@@ -13,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -38,6 +44,19 @@ class Compile:
     """Inductor mode, e.g. "reduce-overhead" (CUDA graphs, static shapes, sampling) or "max-autotune"."""
 
 
+class ShardedPrepare(Protocol):
+    """`prepare` of DTensor leaves (parallel.gather.BlockGather)."""
+
+    def __call__(self, params: Params) -> Params:
+        """Eager: DTensor leaves -> compute leaves."""
+
+    def shards(self, params: Params) -> tuple[Params, Any]:
+        """Outside a compiled region: plain local shards (differentiable) and a static layout."""
+
+    def gather(self, local: Params, layout: Any) -> Params:
+        """Inside it (traceable): local shards -> compute leaves."""
+
+
 def compiled(fn: Callable, c: Compile, backend_fn: Callable | None = None) -> Callable:
     if c.backend == "none" and backend_fn is None:
         return fn
@@ -45,23 +64,40 @@ def compiled(fn: Callable, c: Compile, backend_fn: Callable | None = None) -> Ca
     return torch.compile(fn, backend=backend, fullgraph=True, dynamic=c.dynamic, mode=c.mode)
 
 
-def make_blocks(*, prepare: Callable[[Params], Params] | None = None, recompute: Recompute = Recompute(),
-                compile: Compile = Compile(), backend_fn: Callable | None = None,
+def _sharded(block: Callable, prepare: ShardedPrepare, mode: str, c: Compile, backend_fn: Callable | None):
+    """A compiled block over DTensor leaves: shards are taken eagerly, gathered in the graph."""
+
+    def body(local: Params, layout: Any, *args, **kw):
+        return block(prepare.gather(local, layout), *args, **kw)
+
+    inner = compiled(with_recompute(body, mode), c, backend_fn)
+
+    def run(p: Params, *args, **kw):
+        local, layout = prepare.shards(p)
+        return inner(local, layout, *args, **kw)
+
+    return run
+
+
+def make_blocks(*, prepare: Callable[[Params], Params] | ShardedPrepare | None = None,
+                recompute: Recompute = Recompute(), compile: Compile = Compile(), backend_fn: Callable | None = None,
                 dtensor_params: bool = False, device: torch.device | str = "cpu") -> dit.Blocks:
     """Blocks with gather/cast, recompute and compile applied (one compiled graph per mode).
 
     backend_fn: a dynamo backend callable that overrides compile.backend (tests count
-    compiled frames with it). dtensor_params: the leaves are DTensors gathered by
-    `prepare`; torch (2.13) cannot compile a checkpointed region with a DTensor gather
-    inside (AOTAutograd tries to save the DeviceMesh), so then the checkpoint wraps the
-    compiled block instead. That is exact, but a selective policy cannot see inside the
-    compiled graph: it recomputes the whole block like "full"."""
+    compiled frames with it). dtensor_params: the leaves are DTensors and `prepare` a
+    ShardedPrepare (parallel.gather.BlockGather); compiled blocks then gather inside the
+    graph from local shards (eager ones call `prepare` on the DTensors)."""
     cache: dict[tuple[str, str], Callable] = {}
     if compile.backend == "auto":
         compile = dataclasses.replace(compile, backend=backends.default_compile_backend(device))
-    if recompute.offload and (compile.backend != "none" or backend_fn is not None):
+    compiling = compile.backend != "none" or backend_fn is not None
+    if recompute.offload and compiling:
         raise ValueError("recompute.offload runs the blocks eagerly (torch.compile cannot trace its offload "
                          "hooks): use compile.backend none, or selective recompute without offload")
+    if dtensor_params and compiling and not hasattr(prepare, "shards"):
+        raise ValueError("compiled blocks over DTensor leaves need prepare=parallel.gather.BlockGather(...) "
+                         f"(it gathers inside the graph), got {prepare!r}")
 
     def fn_for(kind: str, i: int) -> Callable:
         mode = recompute.mode(kind, i)
@@ -71,8 +107,8 @@ def make_blocks(*, prepare: Callable[[Params], Params] | None = None, recompute:
             def body(p: Params, *args, _block=block, **kw):
                 return _block(prepare(p) if prepare else p, *args, **kw)
 
-            if dtensor_params:
-                cache[kind, mode] = with_recompute(compiled(body, compile, backend_fn), mode)
+            if dtensor_params and compiling:
+                cache[kind, mode] = _sharded(block, prepare, mode, compile, backend_fn)
             else:
                 cache[kind, mode] = compiled(with_recompute(body, mode), compile, backend_fn)
         return cache[kind, mode]

@@ -79,14 +79,13 @@ def shard(params: Params, plan_: dict[str, tuple[Placement, ...]], meshes: Meshe
     return {k: distribute_tensor(v, meshes.storage, plan_[k], src_data_rank=None) for k, v in params.items()}
 
 
-def gather(name: str, leaf: Tensor, *, split: bool, sp: bool = False) -> Tensor:
-    """A leaf for compute: replicated over the data axes, still split over tp if `split`
-    (a tp compute split, see tp_split), else whole. Autograd-aware."""
-    if not isinstance(leaf, DTensor):
-        return leaf
-    axes = leaf.device_mesh.mesh_dim_names
+def gather_placements(name: str, leaf: DTensor, *, split: bool,
+                      sp: bool = False) -> tuple[list[Placement], list[Placement]]:
+    """(compute, gradient) placements of a leaf per storage mesh axis: replicated over the
+    data axes with partial-sum gradients; over tp kept split if `split` (a tp compute split,
+    see tp_split), else whole, its gradient whole or partial (_TP_PARTIAL / _SP_PARTIAL)."""
     compute, grads = [], []
-    for a, p in zip(axes, leaf.placements):
+    for a, p in zip(leaf.device_mesh.mesh_dim_names, leaf.placements):
         if a in DATA_AXES:
             compute.append(Replicate())
             grads.append(Partial())
@@ -96,14 +95,28 @@ def gather(name: str, leaf: Tensor, *, split: bool, sp: bool = False) -> Tensor:
         else:
             compute.append(Replicate())
             grads.append(Partial() if (_SP_PARTIAL if sp else _TP_PARTIAL).search(name) else Replicate())
+    return compute, grads
+
+
+def gather(name: str, leaf: Tensor, *, split: bool, sp: bool = False) -> Tensor:
+    """A leaf for compute (gather_placements) as a DTensor redistribute. Autograd-aware.
+    Compiled blocks gather with functional collectives instead (parallel.gather)."""
+    if not isinstance(leaf, DTensor):
+        return leaf
+    compute, grads = gather_placements(name, leaf, split=split, sp=sp)
     return leaf.redistribute(placements=compute).to_local(grad_placements=grads)
+
+
+def is_split(key: str, split: frozenset[str]) -> bool:
+    """Whether leaf `key` (a whole-model or block-relative name) is a tp compute split."""
+    return _BLOCK.sub("", key) in split
 
 
 def gather_tree(params: Params, *, split: frozenset[str], sp: bool = False) -> Params:
     """Every leaf gathered for compute (graphs.precision casts after this, so gradients are
     reduced in the storage dtype, fp32). params: the whole tree or one block's sub-tree;
     split: tp_split(spec); sp: the layout uses sequence parallelism."""
-    return {k: gather(k, v, split=_BLOCK.sub("", k) in split, sp=sp) for k, v in params.items()}
+    return {k: gather(k, v, split=is_split(k, split), sp=sp) for k, v in params.items()}
 
 
 def full(params: Params) -> Params:

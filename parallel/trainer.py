@@ -11,6 +11,7 @@ SIGTERM; `metrics.jsonl` gets one record per step.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import resource
@@ -34,7 +35,7 @@ from hvfunc.data.features import NOIMG_KEYS, FeatureDataset, collate
 from hvfunc.dit_spec import dit_spec
 from hvfunc.flow import TimestepSampling
 from hvfunc.params import init as init_params
-from parallel import checkpoint, optim, plan, runtime, step
+from parallel import checkpoint, gather, optim, plan, runtime, step
 from parallel.mesh import ParallelConfig, build
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,7 +185,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     policy = Precision(compute=cfg.dtype, fp32_leaves=cfg.fp32_leaves)
     sp = meshes.cfg.sequence_parallel
     split = plan.tp_split(dit_spec(model))
-    prepare = lambda p: cast(plan.gather_tree(p, split=split, sp=sp), policy)  # noqa: E731 - gather, then cast
+    prepare = gather.BlockGather(split, sp, then=functools.partial(cast, policy=policy))  # gather, then cast
     blocks = make_blocks(prepare=prepare, recompute=cfg.recompute, compile=cfg.compile, dtensor_params=True,
                          device=device)
     attn = backends.attention_backend(cfg.attention)

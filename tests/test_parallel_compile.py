@@ -1,18 +1,34 @@
-"""A sharded train step (FSDP gather, Ulysses, TP inside the compiled block) equals eager."""
+"""Sharded train steps with the FSDP gather, Ulysses and TP inside the compiled,
+checkpointed blocks equal eager; selective recompute keeps attention inside the graph.
+
+The oracles: the eager sharded step (itself equal to one process, test_parallel_layouts)
+and plan.gather (DTensor redistribute) for the in-graph gather of single leaves.
+"""
 
 import functools
+import math
 import pickle
 
+import pytest
 import torch
 from conftest import random_params
 from dist import spawn
 from test_parallel_layouts import HOW, SEED, _batch
+from torch._dynamo.backends.debugging import aot_eager, boxed_nop
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from graphs.blocks import Compile, Recompute, make_blocks
+from graphs.recompute import is_attention, with_recompute
 from hvfunc.config import DIT_PRESETS
 from hvfunc.dit_spec import dit_spec
-from parallel import plan, step
+from parallel import gather, plan, step
 from parallel.mesh import ParallelConfig, build
+
+LAYOUTS = (dict(dp_shard=2), dict(dp_shard=1, cp=2), dict(dp_shard=1, tp=2),
+           dict(dp_shard=1, tp=2, sequence_parallel=True))
+# a full and a selective graph per block kind: 4 graphs at depth (2, 2) and at (3, 3)
+RECOMPUTE = Recompute(double_full=1, single_full=1, selective=True)
 
 
 def _grads(cfg, meshes, blocks):
@@ -23,35 +39,141 @@ def _grads(cfg, meshes, blocks):
     ids = [meshes.data_rank]
     batch = _batch(cfg, ids)
     sigma, noise = step.sample_noise(ids, tuple(batch["latents"].shape[1:]), seed=SEED, step=0, how=HOW)
-    loss = step.loss(params, batch, sigma, noise, cfg=cfg, meshes=meshes, guidance=torch.full((1,), 6000.0),
-                     blocks=blocks)
+    guidance = torch.full((1,), 6000.0) if cfg.guidance_embed else None
+    loss = step.loss(params, batch, sigma, noise, cfg=cfg, meshes=meshes, guidance=guidance, blocks=blocks)
     loss.backward()
     return step.global_mean(loss, meshes), {k: v.grad.full_tensor() for k, v in params.items()}
 
 
-def _worker(rank, world, out):
-    cfg = DIT_PRESETS["tiny-i2v"]
+def _attention_runs(gm) -> int:
+    """Attention forwards in a graph: direct, or wrapped by the RNG functionalization that
+    AOTAutograd puts around recomputed random ops (run_and_save / run_with_rng_state)."""
+    return sum(any(is_attention(t) for t in (n.target, *n.args[:2]) if callable(t))
+               for n in gm.graph.nodes if n.op == "call_function")
+
+
+def _count(gm, op: str) -> int:
+    return sum(n.op == "call_function" and op in str(n.target) for n in gm.graph.nodes)
+
+
+def _stats(graphs: dict) -> dict:
+    return {f"{k}_{name}": [f(g) for g in graphs[k]] for k in ("fw", "bw")
+            for name, f in (("attn", _attention_runs), ("gather", functools.partial(_count, op="all_gather")),
+                            ("reduce_scatter", functools.partial(_count, op="reduce_scatter")))}
+
+
+def _counting_backend(graphs: dict) -> CompileCounterWithBackend:
+    """aot_eager that counts compiled frames and keeps the forward and backward graphs."""
+
+    def keep(kind, gm, example_inputs):
+        graphs[kind].append(gm)
+        return boxed_nop(gm, example_inputs)
+
+    return CompileCounterWithBackend(functools.partial(
+        aot_eager, fw_compiler=functools.partial(keep, "fw"), bw_compiler=functools.partial(keep, "bw")))
+
+
+def _worker(rank, world, preset, depth, out):
+    cfg = DIT_PRESETS[preset].replace(mm_double_blocks_depth=depth, mm_single_blocks_depth=depth)
     results = {}
-    for layout in (dict(dp_shard=2), dict(dp_shard=1, cp=2), dict(dp_shard=1, tp=2),
-                   dict(dp_shard=1, tp=2, sequence_parallel=True)):
+    for layout in LAYOUTS:
         meshes = build(ParallelConfig(**layout))
         eager = _grads(cfg, meshes, None)
         torch._dynamo.reset()
-        blocks = make_blocks(prepare=functools.partial(plan.gather_tree, split=plan.tp_split(dit_spec(cfg)),
-                                                         sp=meshes.cfg.sequence_parallel),
-                             recompute=Recompute(double_full=1, selective=True), compile=Compile(backend="aot_eager"),
-                             dtensor_params=True)
-        results[str(layout)] = (eager, _grads(cfg, meshes, blocks))
+        graphs = {"fw": [], "bw": []}
+        cnt = _counting_backend(graphs)
+        prepare = gather.BlockGather(plan.tp_split(dit_spec(cfg)), meshes.cfg.sequence_parallel)
+        blocks = make_blocks(prepare=prepare, recompute=RECOMPUTE, backend_fn=cnt, dtensor_params=True)
+        compiled = _grads(cfg, meshes, blocks)
+        results[str(layout)] = eager, compiled, dict(_stats(graphs), frames=cnt.frame_count)
     if rank == 0:
         with open(out, "wb") as f:
             pickle.dump(results, f)
 
 
-def test_compiled_sharded_step_equals_eager(tmp):
-    spawn(_worker, 2, str(tmp / "r.pkl"))
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,depth", [("tiny-i2v", 2), ("tiny", 3)])
+def test_compiled_sharded_step_equals_eager_and_keeps_attention(tmp, preset, depth):
+    """dp_shard 2, cp 2, tp 2, tp 2 + sp; a full and a selective block of each kind (fp32, aot_eager)."""
+    spawn(_worker, 2, preset, depth, str(tmp / "r.pkl"))
     with open(tmp / "r.pkl", "rb") as f:
         results = pickle.load(f)
-    for layout, ((l_e, g_e), (l_c, g_c)) in results.items():
-        assert abs(l_c - l_e) <= 1e-5 * abs(l_e), layout
+    assert len(results) == len(LAYOUTS)
+    for key, ((l_e, g_e), (l_c, g_c), s) in results.items():
+        assert abs(l_c - l_e) <= 1e-5 * abs(l_e), key
         for k in g_e:
-            assert float((g_c[k] - g_e[k]).norm() / g_e[k].norm().clamp_min(1e-12)) <= 1e-5, (layout, k)
+            assert float((g_c[k] - g_e[k]).norm() / g_e[k].norm().clamp_min(1e-12)) <= 1e-5, (key, k)
+        # one graph per (block kind, mode) at depth 2 and 3, fullgraph=True (a break raises)
+        assert s["frames"] == 4 and len(s["fw_attn"]) == len(s["bw_attn"]) == 4, (key, s)
+        # every forward runs attention once; only the two "full" blocks' backwards run it again
+        assert s["fw_attn"] == [1, 1, 1, 1] and sorted(s["bw_attn"]) == [0, 0, 1, 1], (key, s)
+        # the gathers are graph nodes, replayed by the recompute, their reduce-scatters too
+        assert min(s["fw_gather"]) > 0 and min(s["bw_gather"]) > 0 and min(s["bw_reduce_scatter"]) > 0, (key, s)
+
+
+R, S0, S1 = Replicate(), Shard(0), Shard(1)
+# (parallel layout on 4 ranks, leaf name as a block sees it, shape, storage placements
+# (dp_replicate, fsdp, tp), tp compute split)
+LEAVES = [
+    # fsdp x tp nested, both uneven (3 rows over 2, 5 columns over 2); tp only stores it split
+    (dict(dp_shard=2, tp=2), "txt_in.w", (3, 5), (R, S0, S1), False),
+    # per-head norm weights: gradients partial over tp too (plan._TP_PARTIAL)
+    (dict(dp_shard=2, tp=2), "img_attn_q_norm.weight", (5, 3), (R, S1, S0), False),
+    # a tp compute split stays split; 1 row over 2 fsdp ranks leaves one of them empty
+    (dict(dp_shard=2, tp=2), "img_attn_qkv.weight", (1, 6), (R, S0, S1), True),
+    # HSDP: replicated over dp_replicate (backward all-reduce), uneven over fsdp
+    (dict(dp_replicate=2, dp_shard=2), "img_in.w", (5, 3), (R, S0, R), False),
+    (dict(dp_replicate=2, dp_shard=2), "img_in.b", (3,), (R, R, R), False),
+]
+
+
+def _gather_worker(rank, world, out):
+    errors = []
+    for par in ({"dp_shard": 2, "tp": 2}, {"dp_replicate": 2, "dp_shard": 2}):
+        meshes = build(ParallelConfig(**par))
+        leaves = {name: (shape, pl, split) for lay, name, shape, pl, split in LEAVES if lay == par}
+        split = frozenset(k for k, (_, _, s) in leaves.items() if s)
+        c = meshes.storage.get_coordinate()
+        # rank-dependent weights make partial gradients; equal on tp ranks unless the leaf sums over tp
+        seeds = {k: 1000 * i + 100 * c[0] + 10 * c[1] + (c[2] if s or "norm" in k else 0)
+                 for i, (k, (_, _, s)) in enumerate(leaves.items())}
+
+        def run(prepare):
+            params = {k: distribute_tensor(torch.arange(1.0, 1 + math.prod(shape)).reshape(shape), meshes.storage,
+                                           pl, src_data_rank=None).requires_grad_(True)
+                      for k, (shape, pl, _) in leaves.items()}
+            got = prepare(params)
+            sum((v * torch.randn(v.shape, generator=torch.Generator().manual_seed(seeds[k]))).sum()
+                for k, v in got.items()).backward()
+            return {k: v.detach() for k, v in got.items()}, {k: v.grad.full_tensor() for k, v in params.items()}
+
+        ref = run(functools.partial(plan.gather_tree, split=split))
+        torch._dynamo.reset()
+        inner = torch.compile(with_recompute(gather.gather, "full"), backend="aot_eager", fullgraph=True)
+        for label, fn in (("eager", gather.gather), ("compiled", inner)):
+            vals, grads = run(lambda p: fn(*gather.shards(p, split=split)))
+            errors += [(label, k, "value") for k in vals if not torch.equal(vals[k], ref[0][k])]
+            errs = {k: float((grads[k] - ref[1][k]).norm() / ref[1][k].norm()) for k in grads}
+            errors += [(label, k, "grad", e) for k, e in errs.items() if not e <= 1e-6]  # sums in another order
+        if par.get("tp"):  # two axes sharding one dim: refused up front, not gathered wrong
+            nested = distribute_tensor(torch.ones(4, 4), meshes.storage, (R, S0, S0), src_data_rank=None)
+            try:
+                gather.shards({"w": nested}, split=frozenset())
+                errors.append(("no error for", nested.placements))
+            except ValueError as e:
+                errors += [] if "w: storage placements" in str(e) else [("message", str(e))]
+    with open(f"{out}.{rank}", "wb") as f:
+        pickle.dump(errors, f)
+
+
+def test_in_graph_gather_equals_dtensor_gather(tmp):
+    """Uneven, empty, nested (fsdp x tp) and HSDP shards: values exact, gradients as plan.gather's."""
+    spawn(_gather_worker, 4, str(tmp / "e"))
+    for r in range(4):
+        with open(tmp / f"e.{r}", "rb") as f:
+            assert pickle.load(f) == [], r
+
+
+def test_compiled_dtensor_blocks_need_a_sharded_prepare():
+    with pytest.raises(ValueError, match="BlockGather"):
+        make_blocks(prepare=lambda p: p, compile=Compile(backend="aot_eager"), dtensor_params=True)
