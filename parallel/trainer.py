@@ -31,7 +31,7 @@ from graphs.precision import Precision, cast
 from hvfunc import ckpt, flops, flow, io
 from hvfunc.config import dit_preset
 from hvfunc.data.buckets import BucketSampler, group
-from hvfunc.data.features import NOIMG_KEYS, FeatureDataset, collate
+from hvfunc.data.features import FeatureDataset, collate
 from hvfunc.dit_spec import dit_spec
 from hvfunc.flow import TimestepSampling
 from hvfunc.params import init as init_params
@@ -64,9 +64,6 @@ class TrainConfig:
     timesteps: TimestepSampling = field(default_factory=TimestepSampling)
     text_dropout: float = 0.0
     """Probability of training a sample on the empty prompt (for classifier-free guidance)."""
-    image_dropout: float = 0.0
-    """I2V: probability of training a sample on its prompt with a black reference image
-    (upstream's --sematic-cond-drop-p; the clean first frame stays). Text dropout wins."""
     optim: optim.OptimConfig = field(default_factory=optim.OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     recompute: Recompute = field(default_factory=Recompute)
@@ -100,34 +97,27 @@ class _Stop:
 
 
 def _draws(batch: dict, cfg: TrainConfig, device: torch.device) -> tuple:
-    """sigma [B], noise, per-sample dropout ("text", "image" or None), all from the samples'
-    draw seeds (the image draw comes last: runs without it keep the same numbers)."""
+    """sigma [B], noise, text-dropout mask [B], all from the samples' draw seeds."""
     sig, noise, drop = [], [], []
     for s in batch["seed"]:
         g = torch.Generator().manual_seed(int(s))
         sig.append(flow.sample_sigmas(1, cfg.timesteps, generator=g))
         noise.append(torch.randn(tuple(batch["latents"].shape[1:]), generator=g))
-        text = bool(torch.rand((), generator=g) < cfg.text_dropout)
-        image = cfg.image_dropout > 0 and bool(torch.rand((), generator=g) < cfg.image_dropout)
-        drop.append("text" if text else "image" if image else None)
+        drop.append(bool(torch.rand((), generator=g) < cfg.text_dropout))
     return torch.cat(sig).to(device), torch.stack(noise).to(device), drop
 
 
-def _with_dropout(batch: dict, drop: list[str | None], uncond: dict | None) -> dict:
-    """Text-dropped samples take the uncond conditioning, image-dropped ones their own
-    black-image LLaVA states (text_states_noimg / text_mask_noimg; CLIP is text-only)."""
+def _with_dropout(batch: dict, drop: list[bool], uncond: dict | None) -> dict:
     if not any(drop):
         return batch
-    if "text" in drop and uncond is None:
+    if uncond is None:
         raise ValueError("text_dropout > 0 needs uncond.safetensors in the feature folder (scripts/extract.py writes it)")
     out = dict(batch)
     for k in ("text_states", "text_mask", "text_states_2"):
         out[k] = batch[k].clone()
         for b, d in enumerate(drop):
-            if d == "text":
+            if d:
                 out[k][b] = uncond[k].to(out[k])
-            elif d == "image" and k != "text_states_2":
-                out[k][b] = batch[f"{k}_noimg"][b]
     return out
 
 
@@ -163,9 +153,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     model, params = _params(cfg, meshes, device)
     meshes.cfg.check_model(model)
     task = "i2v" if model.i2v_condition_type else "t2v"
-    if cfg.image_dropout > 0 and task != "i2v":
-        raise ValueError(f"image_dropout={cfg.image_dropout} needs an I2V model; {cfg.model} is T2V")
-    ds = FeatureDataset(cfg.features, task=task, extra=NOIMG_KEYS if cfg.image_dropout > 0 else ())
+    ds = FeatureDataset(cfg.features, task=task)
     _check_buckets(ds.keys(), model, meshes)
     sampler = BucketSampler(group(ds.keys()), batch_size=cfg.batch_size, rank=meshes.data_rank,
                             world_size=meshes.data_world, seed=cfg.seed)

@@ -58,9 +58,6 @@ class ExtractArgs:
     """Feature folder (samples/, index.jsonl, uncond.safetensors, report.json)."""
     models: ModelArgs = field(default_factory=ModelArgs)
     task: Literal["t2v", "i2v"] = "t2v"
-    noimg_features: bool = True
-    """I2V: also store each prompt's conditioning with a black reference image (for
-    train.py --image-dropout; one more LLaVA pass per clip). Ignored for T2V."""
     data_preset: str = "tiny"
     """Frame and resolution rules (hvfunc.config.DATA_PRESETS)."""
     cp: int = 1
@@ -109,8 +106,7 @@ def main(a: ExtractArgs) -> None:
     bar = tqdm(total=sum(len(b) for b in todo), disable=rank != 0, unit="clip", desc="extract")
     start = time.perf_counter()
     for b in todo:
-        for record, tensors in ex.extract(models, ds, b, seed=a.seed, task=a.task, device=device, dtype=dtype,
-                                            noimg=a.noimg_features):
+        for record, tensors in ex.extract(models, ds, b, seed=a.seed, task=a.task, device=device, dtype=dtype):
             write_sample(a.out, record, tensors)
         bar.update(len(b))
         bar.set_postfix(clips_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")

@@ -79,12 +79,8 @@ def _to_pil(frame_CHW: Tensor):
 
 @torch.no_grad()
 def extract(models: Models, ds: VideoDataset, indices: list[int], *, seed: int, task: str,
-            device: torch.device, dtype: torch.dtype = torch.float32,
-            noimg: bool = True) -> list[tuple[dict, dict[str, Tensor]]]:
-    """(record, tensors) for every readable clip of one batch; unreadable ones go to ds.report.
-
-    noimg (I2V): also the LLaVA conditioning of each prompt with a black reference image
-    (upstream's image-condition dropout); one more LLaVA pass per clip."""
+            device: torch.device, dtype: torch.dtype = torch.float32) -> list[tuple[dict, dict[str, Tensor]]]:
+    """(record, tensors) for every readable clip of one batch; unreadable ones go to ds.report."""
     loaded = []
     for i in indices:
         try:
@@ -104,10 +100,6 @@ def extract(models: Models, ds: VideoDataset, indices: list[int], *, seed: int, 
     prompts = [s["caption"] for _, s in loaded]
     images = [_to_pil(video[b, :, 0].float().cpu()) for b in range(len(loaded))] if task == "i2v" else None
     text = encode_prompts(models.text, prompts, images=images, device=device, dtype=torch.float32, video=True)
-    blind = None
-    if task == "i2v" and noimg:
-        blind = encode_prompts(models.text, prompts, images=black_images(images), device=device,
-                               dtype=torch.float32, video=True)
     cond = None
     if task == "i2v":  # the reference frame alone, posterior mode (as upstream encodes the I2V image)
         m, _ = vae.encode(p, video[:, :, :1], cfg=models.vae_cfg, slicing=True)
@@ -118,8 +110,6 @@ def extract(models: Models, ds: VideoDataset, indices: list[int], *, seed: int, 
              "text_states_2": text.text_states_2[b].cpu()}
         if cond is not None:
             t["cond_latents"] = cond[b]
-        if blind is not None:
-            t["text_states_noimg"], t["text_mask_noimg"] = blind.text_states[b].cpu(), blind.text_mask[b].cpu()
         T, H, W = s["bucket"]
         out.append(({"id": clip_id(ds, i), "caption": s["caption"], "task": task, "source": s["path"],
                      "frames": T, "height": H, "width": W}, t))

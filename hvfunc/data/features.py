@@ -2,9 +2,7 @@
 
     <root>/samples/<id>.safetensors   latents [C, T, H, W] (VAE posterior sample x scaling factor)
                                       text_states [S, D_text], text_mask [S], text_states_2 [D_clip]
-                                      I2V also: cond_latents [C, 1, H, W] (clean first-frame latent),
-                                      text_states_noimg, text_mask_noimg (the same prompt with a black
-                                      reference image: image-condition dropout)
+                                      I2V also: cond_latents [C, 1, H, W] (clean first-frame latent)
                                       metadata "record": the sample's JSON record (below)
     <root>/index.jsonl                one record per line: id, file, caption, latent_shape, task,
                                       source, frames, height, width (built from the files' metadata)
@@ -27,7 +25,6 @@ from hvfunc.data.report import SkipReport
 
 TEXT_KEYS = ("text_states", "text_mask", "text_states_2")
 KEYS = {"t2v": ("latents", *TEXT_KEYS), "i2v": ("latents", *TEXT_KEYS, "cond_latents")}
-NOIMG_KEYS = ("text_states_noimg", "text_mask_noimg")  # I2V, for image-condition dropout
 
 
 def sample_path(root: str | Path, sample_id: str) -> Path:
@@ -81,11 +78,8 @@ class FeatureDataset(torch.utils.data.Dataset):
     Items are indices or (index, draw_seed) pairs as BucketSampler yields them; the seed
     comes back in the sample so the trainer draws that sample's noise from it."""
 
-    def __init__(self, root: str | Path, *, task: str = "t2v", extra: tuple[str, ...] = (),
-                 report: SkipReport | None = None) -> None:
-        """extra: keys needed beyond the task's (e.g. NOIMG_KEYS); samples without them are skipped."""
+    def __init__(self, root: str | Path, *, task: str = "t2v", report: SkipReport | None = None) -> None:
         self.root, self.task = Path(root), task
-        self.wanted = KEYS[task] + tuple(extra)
         self.report = report or SkipReport()
         records = read_index(root)
         self.report.listed = len(records)
@@ -99,14 +93,12 @@ class FeatureDataset(torch.utils.data.Dataset):
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
-                missing = [k for k in self.wanted if k not in f.keys()]
+                missing = [k for k in KEYS[self.task] if k not in f.keys()]
         except Exception as e:  # noqa: BLE001 - any unreadable file is a reported skip
             self.report.add(path, "bad_feature", f"{type(e).__name__}: {e}")
             return False
         if missing:
-            hint = ("re-extract with scripts/extract.py, which writes them for I2V unless --no-noimg-features"
-                    if set(missing) <= set(NOIMG_KEYS) else "extracted for another task?")
-            self.report.add(path, "bad_feature", f"no {missing} ({hint})")
+            self.report.add(path, "bad_feature", f"no {missing} (extracted for another task?)")
         return not missing
 
     def __len__(self) -> int:
@@ -120,7 +112,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         i, seed = item if isinstance(item, tuple) else (item, item)
         r = self.records[i]
         t = io.load_safetensors(self.root / r["file"])
-        return {k: t[k] for k in self.wanted} | {"caption": r.get("caption", ""), "index": i, "seed": seed}
+        return {k: t[k] for k in KEYS[self.task]} | {"caption": r.get("caption", ""), "index": i, "seed": seed}
 
 
 def collate(samples: Sequence[dict]) -> dict:
