@@ -2,7 +2,7 @@
 
 One function, `train(cfg)`, used by scripts/train.py and the tests. Per step: a global
 batch from the bucket sampler (one shape on every rank), per-sample sigma / noise / text
-dropout drawn from the sampler's per-draw seeds (so every layout sees the same numbers),
+and image dropout drawn from the sampler's per-draw seeds (so every layout sees the same numbers),
 the sharded loss, backward (FSDP reduce-scatter inside), global-norm clipping, AdamW with
 fp32 master weights. Non-finite losses or gradients skip the step (counted); too many in
 a row save a checkpoint and stop with a clear message. Checkpoints every N steps and on
@@ -31,7 +31,7 @@ from graphs.precision import Precision, cast
 from hvfunc import ckpt, flops, flow, io
 from hvfunc.config import dit_preset
 from hvfunc.data.buckets import BucketSampler, group
-from hvfunc.data.features import FeatureDataset, collate
+from hvfunc.data.features import NOIMG_KEYS, TEXT_KEYS, FeatureDataset, collate
 from hvfunc.dit_spec import dit_spec
 from hvfunc.flow import TimestepSampling
 from hvfunc.params import init as init_params
@@ -63,7 +63,12 @@ class TrainConfig:
     """Embedded guidance scale fed while training (x1000; T2V recipe 1.0, I2V 6.0); None for models without."""
     timesteps: TimestepSampling = field(default_factory=TimestepSampling)
     text_dropout: float = 0.0
-    """Probability of training a sample on the empty prompt (for classifier-free guidance)."""
+    """Probability of training a sample on the empty prompt (for classifier-free guidance; I2V: with a
+    black reference image). Upstream I2V: --uncond-p 0.1."""
+    image_dropout: float = 0.0
+    """I2V: probability of training a sample with a black semantic image (upstream --sematic-cond-drop-p,
+    0.1 in HunyuanVideo-I2V, 0.0 in MindSpeed-MM): the LLaVA states of (same prompt, black image) stored
+    by scripts/extract.py replace the real ones; the clean first-frame latent stays. Text dropout wins."""
     optim: optim.OptimConfig = field(default_factory=optim.OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     recompute: Recompute = field(default_factory=Recompute)
@@ -97,28 +102,56 @@ class _Stop:
 
 
 def _draws(batch: dict, cfg: TrainConfig, device: torch.device) -> tuple:
-    """sigma [B], noise, text-dropout mask [B], all from the samples' draw seeds."""
-    sig, noise, drop = [], [], []
+    """sigma [B], noise, text- and image-dropout masks [B], all from the samples' draw seeds.
+    A new draw goes after the others: earlier ones (and past runs) keep their numbers."""
+    sig, noise, text, image = [], [], [], []
     for s in batch["seed"]:
         g = torch.Generator().manual_seed(int(s))
         sig.append(flow.sample_sigmas(1, cfg.timesteps, generator=g))
         noise.append(torch.randn(tuple(batch["latents"].shape[1:]), generator=g))
-        drop.append(bool(torch.rand((), generator=g) < cfg.text_dropout))
-    return torch.cat(sig).to(device), torch.stack(noise).to(device), drop
+        text.append(bool(torch.rand((), generator=g) < cfg.text_dropout))
+        image.append(bool(torch.rand((), generator=g) < cfg.image_dropout))
+    return torch.cat(sig).to(device), torch.stack(noise).to(device), text, image
 
 
-def _with_dropout(batch: dict, drop: list[bool], uncond: dict | None) -> dict:
-    if not any(drop):
-        return batch
-    if uncond is None:
-        raise ValueError("text_dropout > 0 needs uncond.safetensors in the feature folder (scripts/extract.py writes it)")
-    out = dict(batch)
-    for k in ("text_states", "text_mask", "text_states_2"):
-        out[k] = batch[k].clone()
-        for b, d in enumerate(drop):
-            if d:
+def _with_dropout(batch: dict, text: list[bool], image: list[bool], uncond: dict | None) -> tuple[dict, list[int]]:
+    """(batch with dropped conditioning, [text-dropped, image-dropped] counts). A text-dropped sample
+    gets `uncond` (empty prompt; I2V: + black image); an image-dropped one its NOIMG_KEYS states."""
+    image = [i and not t for t, i in zip(text, image)]  # text dropout wins
+    out = {k: v for k, v in batch.items() if k not in NOIMG_KEYS}
+    if any(text) or any(image):
+        out |= {k: batch[k].clone() for k in TEXT_KEYS}
+    for b, (t, i) in enumerate(zip(text, image)):
+        if t:
+            for k in TEXT_KEYS:
                 out[k][b] = uncond[k].to(out[k])
-    return out
+        elif i:  # same prompt, black image; CLIP never sees the image, so text_states_2 stays
+            for k, src in zip(TEXT_KEYS, NOIMG_KEYS):
+                out[k][b] = batch[src][b]
+    return out, [sum(text), sum(image)]
+
+
+def _check_dropout(cfg: TrainConfig, task: str) -> dict | None:
+    """Dropout settings that cannot work fail before the first step; returns the uncond features."""
+    for name, p in (("text_dropout", cfg.text_dropout), ("image_dropout", cfg.image_dropout)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
+    if cfg.image_dropout > 0 and task != "i2v":
+        raise ValueError(f"image_dropout={cfg.image_dropout} drops the I2V reference image, but model {cfg.model!r} "
+                         f"is text-to-video: use an I2V model or image_dropout 0")
+    path = cfg.features / "uncond.safetensors"
+    if cfg.text_dropout > 0 and not path.is_file():
+        raise ValueError(f"text_dropout={cfg.text_dropout} needs {path} (scripts/extract.py writes it)")
+    return io.load_safetensors(path) if path.is_file() else None
+
+
+def _global_counts(counts: list[int], meshes, device: torch.device) -> list[int]:
+    """Per-rank counts summed over the data-parallel ranks (cp and tp ranks share their samples)."""
+    t = torch.tensor(counts, dtype=torch.long, device=device)  # nccl reduces device tensors only
+    for axis in ("dp_replicate", "dp_shard"):
+        if meshes.size(axis) > 1:
+            dist.all_reduce(t, group=meshes.group(axis))
+    return t.tolist()
 
 
 def _check_buckets(keys: list[tuple[int, ...]], model, meshes) -> None:
@@ -148,12 +181,13 @@ def _params(cfg: TrainConfig, meshes, device: torch.device):
 
 
 def train(cfg: TrainConfig) -> list[dict]:
+    task = "i2v" if dit_preset(cfg.model).i2v_condition_type else "t2v"
+    uncond = _check_dropout(cfg, task)
+    ds = FeatureDataset(cfg.features, task=task, noimg=cfg.image_dropout > 0)  # before the (long) weight init
     device = runtime.init(cfg.device)
     meshes = build(cfg.parallel, device_type=device.type)
     model, params = _params(cfg, meshes, device)
     meshes.cfg.check_model(model)
-    task = "i2v" if model.i2v_condition_type else "t2v"
-    ds = FeatureDataset(cfg.features, task=task)
     _check_buckets(ds.keys(), model, meshes)
     sampler = BucketSampler(group(ds.keys()), batch_size=cfg.batch_size, rank=meshes.data_rank,
                             world_size=meshes.data_world, seed=cfg.seed)
@@ -168,8 +202,6 @@ def train(cfg: TrainConfig) -> list[dict]:
         cfg.out.mkdir(parents=True, exist_ok=True)
         (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
         _truncate_metrics(cfg.out / "metrics.jsonl", start)
-    uncond_path = cfg.features / "uncond.safetensors"
-    uncond = io.load_safetensors(uncond_path) if uncond_path.is_file() else None
     policy = Precision(compute=cfg.dtype, fp32_leaves=cfg.fp32_leaves)
     sp = meshes.cfg.sequence_parallel
     split = plan.tp_split(dit_spec(model))
@@ -215,8 +247,10 @@ def _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, gu
         t0 = time.perf_counter()
         batch, state = next(batches)
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        sigma, noise, drop = _draws(batch, cfg, device)
-        batch = _with_dropout(batch, drop, uncond)
+        sigma, noise, text, image = _draws(batch, cfg, device)
+        batch, dropped = _with_dropout(batch, text, image, uncond)
+        if cfg.text_dropout > 0 or cfg.image_dropout > 0:  # else no collective: both counts are 0
+            dropped = _global_counts(dropped, meshes, device)
         B = batch["latents"].shape[0]
         g = None if guidance is None else torch.full((B,), guidance, device=device)
         loss = step.loss(params, batch, sigma, noise, cfg=model, meshes=meshes, guidance=g, prepare=prepare,
@@ -235,6 +269,7 @@ def _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, gu
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         rec = _record(s, value, norm, lr, dt, batch, model, meshes, peak_flops, device, skipped)
+        rec |= {"text_dropped": dropped[0], "image_dropped": dropped[1]}
         records.append(rec)
         if metrics:
             metrics.write(json.dumps(rec) + "\n")

@@ -9,6 +9,12 @@ Each rank takes a disjoint share of the global batches (planned per bucket, in a
 order), writes one safetensors per clip atomically and skips clips already written, so
 a rerun resumes. Bad clips are skipped and reported (report.json); rank 0 then builds
 index.jsonl and uncond.safetensors. Any number of ranks writes the same files.
+
+I2V also stores per clip the LLaVA states of (same prompt, black image): the features that
+training with --image-dropout needs (--image-dropout-features False leaves them out). They
+cost one extra LLaVA forward per clip (8B LLM plus vision tower; the VAE work is unchanged)
+and S x D x 4 bytes per clip on disk (S x D = 396 x 4096 for the real model: 6.5 MB).
+A rerun that asks for them re-extracts the existing clips that lack them.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from hvfunc import io  # noqa: E402
 from hvfunc.config import data_preset  # noqa: E402
 from hvfunc.data import extract as ex  # noqa: E402
 from hvfunc.data.dataset import build_dataset  # noqa: E402
-from hvfunc.data.features import build_index, sample_path, write_sample  # noqa: E402
+from hvfunc.data.features import NOIMG_FLAG, NOIMG_KEYS, build_index, write_sample  # noqa: E402
 from hvfunc.data.report import SkipReport  # noqa: E402
 from parallel import runtime  # noqa: E402
 
@@ -70,6 +76,15 @@ class ExtractArgs:
     device: str = "auto"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """VAE compute dtype (features are stored fp32)."""
+    image_dropout_features: bool | None = None
+    """Also store, per clip, the LLaVA conditioning of (same prompt, black image) that training with
+    --image-dropout needs: one extra LLaVA pass per clip. None: on for I2V, off for T2V (T2V has none)."""
+
+    @property
+    def noimg(self) -> bool:
+        if self.image_dropout_features and self.task != "i2v":
+            raise ValueError(f"--image-dropout-features needs --task i2v (task is {self.task}: T2V has no image)")
+        return self.task == "i2v" if self.image_dropout_features is None else self.image_dropout_features
 
 
 def load(a: ExtractArgs) -> ex.Models:
@@ -88,6 +103,7 @@ def load(a: ExtractArgs) -> ex.Models:
 
 
 def main(a: ExtractArgs) -> None:
+    noimg = a.noimg  # a bad combination fails before any work
     device = runtime.init(a.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:  # temp files of a killed run: their clips are redone below
@@ -99,14 +115,18 @@ def main(a: ExtractArgs) -> None:
     models = load(a)
     models = replace(models, vae={k: v.to(device, dtype) for k, v in models.vae.items()})  # once, not per batch
     batches = ex.plan_batches(ds, a.batch_size)[rank::world]
-    todo = [b for b in batches if not all(sample_path(a.out, ex.clip_id(ds, i)).is_file() for i in b)]
+    todo, redo = ex.pending(a.out, ds, batches, noimg=noimg)
     done = sum(len(b) for b in batches) - sum(len(b) for b in todo)
     runtime.print0(f"{len(ds)} clips in {len(ds.buckets)} buckets; rank 0 has {len(todo)} batches to do, "
                    f"{done} clips already extracted")
+    if redo:
+        print(f"rank {rank}: re-extracting {len(redo)} clips whose files lack {list(NOIMG_KEYS)} or cannot be read "
+              f"(e.g. {redo[0]}); --image-dropout-features False keeps them as they are", flush=True)
     bar = tqdm(total=sum(len(b) for b in todo), disable=rank != 0, unit="clip", desc="extract")
     start = time.perf_counter()
     for b in todo:
-        for record, tensors in ex.extract(models, ds, b, seed=a.seed, task=a.task, device=device, dtype=dtype):
+        for record, tensors in ex.extract(models, ds, b, seed=a.seed, task=a.task, device=device, dtype=dtype,
+                                          noimg=noimg):
             write_sample(a.out, record, tensors)
         bar.update(len(b))
         bar.set_postfix(clips_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")
@@ -130,6 +150,11 @@ def _finish(a: ExtractArgs, ds, models: ex.Models, device: torch.device, world: 
     records = build_index(a.out)
     print(report.summary(len(ds)))
     print(f"{len(records)} samples in {a.out / 'index.jsonl'}")
+    if a.task == "i2v":
+        k = sum(set(NOIMG_KEYS) <= set(r.get("keys", ())) for r in records)
+        print(f"black-image features for --image-dropout: {k} of {len(records)} samples"
+              + ("" if k in (0, len(records)) else f"; training with --image-dropout refuses this folder until "
+                 f"{NOIMG_FLAG} has filled in the rest"))
 
 
 if __name__ == "__main__":

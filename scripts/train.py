@@ -3,6 +3,8 @@
     torchrun --nproc-per-node 2 scripts/train.py tiny --features runs/tiny/features --out runs/tiny/train
     torchrun --nproc-per-node 8 scripts/train.py hunyuan-video-t2v --features /data/feats --out /ckpt/run1 \\
         --init-from ckpts/hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt --parallel.cp 2
+    torchrun --nproc-per-node 8 scripts/train.py hunyuan-video-i2v --features /data/i2v-feats --out /ckpt/i2v \\
+        --text-dropout 0.1 --image-dropout 0.1   # upstream I2V's --uncond-p / --sematic-cond-drop-p
 
 A preset fills every field; flags override them. Rerunning the same command resumes from
 the newest complete checkpoint in --out.

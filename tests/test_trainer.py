@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from dist import spawn
 
 from graphs.recompute import Recompute
+from hvfunc import io
 from hvfunc.config import DIT_PRESETS
 from hvfunc.data.features import build_index, write_sample
 from hvfunc.dit_spec import dit_spec
@@ -21,10 +23,12 @@ from parallel.optim import OptimConfig
 from parallel.trainer import TrainConfig, train
 
 
-def make_features(root: Path, *, n: int = 6, task: str = "t2v", nan_at: int | None = None) -> Path:
-    """A feature folder in the extract.py format: two latent shapes, unequal text lengths."""
+def make_features(root: Path, *, n: int = 6, task: str = "t2v", nan_at: int | None = None,
+                  noimg: str | None = None, uncond: bool = False) -> Path:
+    """A feature folder in the extract.py format: two latent shapes, unequal text lengths.
+    noimg (I2V): "random" black-image states, or "copy" of the real ones; uncond: write uncond.safetensors."""
     cfg = DIT_PRESETS["tiny"]
-    g = torch.Generator().manual_seed(0)
+    g, g_noimg = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)  # noimg: same other tensors
     for i in range(n):
         T = 2 if i % 2 else 3
         lat = torch.randn(cfg.in_channels, T, 8, 8, generator=g)
@@ -34,7 +38,18 @@ def make_features(root: Path, *, n: int = 6, task: str = "t2v", nan_at: int | No
              "text_mask": (torch.arange(12) < 4 + i).long(), "text_states_2": torch.randn(cfg.text_states_dim_2, generator=g)}
         if task == "i2v":
             t["cond_latents"] = torch.randn(cfg.in_channels, 1, 8, 8, generator=g)
+        if noimg:
+            rnd = noimg == "random"
+            t |= {"text_states_noimg": torch.randn(12, cfg.text_states_dim, generator=g_noimg) if rnd
+                  else t["text_states"].clone(),
+                  "text_mask_noimg": (torch.arange(12) < 3 + i).long() if rnd else t["text_mask"].clone()}
         write_sample(root, {"id": f"s{i:03d}", "caption": f"clip {i}", "task": task}, t)
+    if uncond:
+        g = torch.Generator().manual_seed(2)
+        io.save_safetensors({"text_states": torch.randn(12, cfg.text_states_dim, generator=g),
+                             "text_mask": (torch.arange(12) < 2).long(),
+                             "text_states_2": torch.randn(cfg.text_states_dim_2, generator=g)},
+                            root / "uncond.safetensors")
     build_index(root)
     return root
 
@@ -177,3 +192,107 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp):
     done = len(metrics.read_text().splitlines())
     assert "SIGTERM" in out and 2 <= done < 1000
     assert checkpoint.latest(tmp / "run" / "checkpoints").name == f"step-{done:08d}"
+
+
+def _batch(ds, items: list[tuple[int, int]]) -> dict:
+    from hvfunc.data.features import collate
+
+    return collate([ds[it] for it in items])
+
+
+def test_dropout_draws_and_substitution():
+    """Exact: image_dropout=1 gives the noimg states (uncond where text-dropped); the draws that existed
+    before image dropout (sigma, noise, text drop: in that order from the sample's seed) are unchanged."""
+    import tempfile
+
+    from hvfunc import flow
+    from hvfunc.data.features import FeatureDataset
+    from parallel.trainer import _draws, _with_dropout
+
+    with tempfile.TemporaryDirectory() as d:
+        feats = make_features(Path(d), task="i2v", noimg="random", uncond=True)
+        ds = FeatureDataset(feats, task="i2v", noimg=True)
+        uncond = io.load_safetensors(feats / "uncond.safetensors")
+        batch = _batch(ds, [(0, 0), (2, 1), (4, 2), (0, 3), (2, 4)])  # one latent shape; seeds 0..4
+    for p_img in (0.0, 0.6, 1.0):
+        cfg = _cfg(Path("f"), Path("o"), model="tiny-i2v", text_dropout=0.4, image_dropout=p_img)
+        sigma, noise, text, image = _draws(batch, cfg, torch.device("cpu"))
+        for b, seed in enumerate(batch["seed"]):  # the sequence as it was drawn before image dropout existed
+            g = torch.Generator().manual_seed(seed)
+            assert torch.equal(sigma[b:b + 1], flow.sample_sigmas(1, cfg.timesteps, generator=g))
+            assert torch.equal(noise[b], torch.randn(tuple(batch["latents"].shape[1:]), generator=g))
+            assert text[b] == bool(torch.rand((), generator=g) < 0.4)
+        assert 0 < sum(text) < len(text)  # these seeds mix dropped and kept prompts
+        out, counts = _with_dropout(batch, text, image, uncond)
+        assert not set(out) & {"text_states_noimg", "text_mask_noimg"}
+        assert out["latents"] is batch["latents"] and out["cond_latents"] is batch["cond_latents"]
+        for b in range(len(text)):
+            src = ({k: uncond[k] for k in ("text_states", "text_mask", "text_states_2")} if text[b] else
+                   {"text_states": batch["text_states_noimg"][b], "text_mask": batch["text_mask_noimg"][b],
+                    "text_states_2": batch["text_states_2"][b]} if image[b] else
+                   {k: batch[k][b] for k in ("text_states", "text_mask", "text_states_2")})
+            assert all(torch.equal(out[k][b], v) for k, v in src.items())
+        assert counts == [sum(text), sum(i and not t for t, i in zip(text, image))]
+        if p_img == 1.0:
+            assert counts == [sum(text), len(text) - sum(text)]  # every sample not text-dropped lost its image
+        if p_img == 0.0:
+            assert counts[1] == 0
+        if p_img == 0.6:
+            assert 0 < counts[1] < len(text) - sum(text)  # these seeds drop some images, not all
+
+
+def _metric(run: Path, key: str) -> list:
+    return [json.loads(x)[key] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_image_dropout_trains_end_to_end(tmp):
+    """tiny-i2v, 4 steps of 2: with noimg states equal to the real ones, image_dropout=0.5 gives exactly the
+    losses of image_dropout=0 (draws untouched, right tensors swapped in); with other noimg states the losses
+    are equal up to the first image-dropped step and differ at it."""
+    from conftest import random_params
+
+    same = make_features(tmp / "same", task="i2v", noimg="copy", uncond=True)
+    other = make_features(tmp / "other", task="i2v", noimg="random", uncond=True)
+    io.save_safetensors(random_params(DIT_PRESETS["tiny-i2v"]), tmp / "w.safetensors")  # upstream init zeroes
+    # the gates: text would not reach the loss in the first steps
+    kw = dict(model="tiny-i2v", batch_size=2, guidance=6.016, text_dropout=0.25, init_from=tmp / "w.safetensors")
+    base, swap, dropped = _spawn_train(1, [_cfg(same, tmp / "base", **kw),
+                                           _cfg(same, tmp / "swap", image_dropout=0.5, **kw),
+                                           _cfg(other, tmp / "drop", image_dropout=0.5, **kw)], tmp)
+    assert swap == base and all(math.isfinite(v) for v in base)
+    n_img = _metric(tmp / "drop", "image_dropped")
+    assert _metric(tmp / "base", "image_dropped") == [0] * 4 and 0 < sum(n_img) < 8
+    assert _metric(tmp / "drop", "text_dropped") == _metric(tmp / "base", "text_dropped")
+    first = next(k for k, n in enumerate(n_img) if n)
+    assert dropped[:first] == base[:first] and dropped[first] != base[first]
+
+
+def test_image_dropout_fails_before_training(tmp):
+    from hvfunc.data.features import FeatureDataset
+
+    t2v = make_features(tmp / "t2v", uncond=True)
+    with pytest.raises(ValueError, match="image_dropout=0.1 .* 'tiny' is text-to-video"):
+        train(_cfg(t2v, tmp / "a", image_dropout=0.1))
+    plain = make_features(tmp / "plain", task="i2v", uncond=True)
+    with pytest.raises(ValueError, match=f"6 of 6 samples in {plain} .*--image-dropout-features True"):
+        train(_cfg(plain, tmp / "b", model="tiny-i2v", image_dropout=0.1))
+    mixed = make_features(tmp / "mixed", task="i2v", noimg="random", uncond=True)
+    t = io.load_safetensors(mixed / "samples" / "s003.safetensors")
+    write_sample(mixed, {"id": "s003", "caption": "clip 3", "task": "i2v"},
+                 {k: v for k, v in t.items() if not k.endswith("_noimg")})
+    build_index(mixed)
+    with pytest.raises(ValueError, match=r"1 of 6 samples .*s003.safetensors: no \['text_states_noimg'"):
+        FeatureDataset(mixed, task="i2v", noimg=True)
+    assert len(FeatureDataset(mixed, task="i2v")) == 6  # without image dropout the folder is fine
+    with pytest.raises(ValueError, match="text_dropout=0.2 needs .*uncond.safetensors"):
+        train(_cfg(make_features(tmp / "nouncond"), tmp / "c", text_dropout=0.2))
+    with pytest.raises(ValueError, match="image_dropout must be in"):
+        train(_cfg(t2v, tmp / "d", image_dropout=1.5))
+    assert not any((tmp / r).exists() for r in "abcd")  # nothing started
+    with pytest.raises(ValueError, match="I2V features"):
+        write_sample(tmp / "x", {"id": "x", "caption": "", "task": "t2v"},
+                     dict(io.load_safetensors(t2v / "samples" / "s000.safetensors"), text_states_noimg=t["text_states"],
+                          text_mask_noimg=t["text_mask"]))
+    with pytest.raises(ValueError, match="shapes differ"):
+        write_sample(tmp / "x", {"id": "x", "caption": "", "task": "i2v"},
+                     dict(t, text_states_noimg=t["text_states"][:5], text_mask_noimg=t["text_mask"]))

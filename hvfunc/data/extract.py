@@ -4,7 +4,10 @@ Per clip: the VAE posterior *sample* x scaling factor (as the seed's extraction 
 drawn with a generator seeded by (seed, clip index) so results do not depend on how clips
 are batched or spread over ranks; LLaVA text states + mask with the *same template as
 sampling* (the video template); CLIP pooled. I2V adds the clean first-frame latent
-(posterior mode of the frame encoded alone, scaled) and gives LLaVA that frame as its image.
+(posterior mode of the frame encoded alone, scaled) and gives LLaVA that frame as its image;
+with noimg also the LLaVA states of (same prompt, black image of the frame's size), the
+conditioning that I2V image dropout trains on (upstream's --sematic-cond-drop-p): it
+depends on the prompt, so it is one more LLaVA pass per clip (CLIP ignores images).
 Batches are planned per bucket in a fixed order, so any number of ranks writes the same files.
 Shapes: B clips, C=3 pixels / 16 latent channels, T frames, H, W.
 """
@@ -22,6 +25,7 @@ from hvfunc import io, params, vae
 from hvfunc.config import VAE_PRESETS, VAEConfig
 from hvfunc.data.buckets import mix_seed
 from hvfunc.data.dataset import VideoDataset
+from hvfunc.data.features import NOIMG_KEYS, noimg_problem, sample_path, stored_shapes
 from hvfunc.data.video import ClipError
 from hvfunc.params import Params
 from hvfunc.text import TextEncoders, black_images, encode_prompts
@@ -70,6 +74,28 @@ def clip_id(ds: VideoDataset, i: int) -> str:
     return Path(ds.entries[i].path).stem
 
 
+def pending(root: str | Path, ds: VideoDataset, batches: list[list[int]], *,
+            noimg: bool) -> tuple[list[list[int]], list[str]]:
+    """(batches still to extract, ids of existing files redone because they lack the black-image
+    features that noimg asks for, or cannot be read). A batch is redone whole: its clips are
+    encoded together."""
+
+    def lacks(path: Path) -> bool:
+        try:
+            return noimg_problem(stored_shapes(path)) is not None
+        except Exception:  # noqa: BLE001 - unreadable: extracting it again is the fix
+            return True
+
+    todo, redo = [], []
+    for b in batches:
+        paths = [sample_path(root, clip_id(ds, i)) for i in b]
+        lacking = [p.stem for p in paths if noimg and p.is_file() and lacks(p)]
+        if lacking or not all(p.is_file() for p in paths):
+            todo.append(b)
+            redo += lacking
+    return todo, redo
+
+
 def _to_pil(frame_CHW: Tensor):
     from PIL import Image
 
@@ -79,8 +105,12 @@ def _to_pil(frame_CHW: Tensor):
 
 @torch.no_grad()
 def extract(models: Models, ds: VideoDataset, indices: list[int], *, seed: int, task: str,
-            device: torch.device, dtype: torch.dtype = torch.float32) -> list[tuple[dict, dict[str, Tensor]]]:
-    """(record, tensors) for every readable clip of one batch; unreadable ones go to ds.report."""
+            device: torch.device, dtype: torch.dtype = torch.float32,
+            noimg: bool = False) -> list[tuple[dict, dict[str, Tensor]]]:
+    """(record, tensors) for every readable clip of one batch; unreadable ones go to ds.report.
+    noimg (I2V only): also the black-image conditioning NOIMG_KEYS."""
+    if noimg and task != "i2v":
+        raise ValueError(f"black-image features (image dropout) are for I2V only; task is {task!r}")
     loaded = []
     for i in indices:
         try:
@@ -99,7 +129,11 @@ def extract(models: Models, ds: VideoDataset, indices: list[int], *, seed: int, 
                                                 generator=g), cfg=models.vae_cfg)[0])
     prompts = [s["caption"] for _, s in loaded]
     images = [_to_pil(video[b, :, 0].float().cpu()) for b in range(len(loaded))] if task == "i2v" else None
-    text = encode_prompts(models.text, prompts, images=images, device=device, dtype=torch.float32, video=True)
+    n = len(prompts)
+    if noimg:  # one encoder call, chunked by n: the real-image chunk is computed exactly as without noimg
+        prompts, images = prompts * 2, images + black_images(images)
+    text = encode_prompts(models.text, prompts, images=images, device=device, dtype=torch.float32, video=True,
+                          batch_size=n)
     cond = None
     if task == "i2v":  # the reference frame alone, posterior mode (as upstream encodes the I2V image)
         m, _ = vae.encode(p, video[:, :, :1], cfg=models.vae_cfg, slicing=True)
@@ -110,6 +144,8 @@ def extract(models: Models, ds: VideoDataset, indices: list[int], *, seed: int, 
              "text_states_2": text.text_states_2[b].cpu()}
         if cond is not None:
             t["cond_latents"] = cond[b]
+        if noimg:
+            t |= {NOIMG_KEYS[0]: text.text_states[n + b].cpu(), NOIMG_KEYS[1]: text.text_mask[n + b].cpu()}
         T, H, W = s["bucket"]
         out.append(({"id": clip_id(ds, i), "caption": s["caption"], "task": task, "source": s["path"],
                      "frames": T, "height": H, "width": W}, t))

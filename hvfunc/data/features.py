@@ -3,9 +3,12 @@
     <root>/samples/<id>.safetensors   latents [C, T, H, W] (VAE posterior sample x scaling factor)
                                       text_states [S, D_text], text_mask [S], text_states_2 [D_clip]
                                       I2V also: cond_latents [C, 1, H, W] (clean first-frame latent)
+                                      I2V, optional: text_states_noimg [S, D_text], text_mask_noimg [S]
+                                      (same prompt, black reference image: image dropout)
                                       metadata "record": the sample's JSON record (below)
-    <root>/index.jsonl                one record per line: id, file, caption, latent_shape, task,
-                                      source, frames, height, width (built from the files' metadata)
+    <root>/index.jsonl                one record per line: id, file, caption, latent_shape, keys (the
+                                      tensors in the file), task, source, frames, height, width
+                                      (built from the files' metadata)
     <root>/uncond.safetensors         the empty prompt's text conditioning (for CFG dropout)
 Files are written atomically, so a sample file that exists is complete; the index is
 rebuilt from the files, so an interrupted extraction resumes by skipping existing ones.
@@ -25,6 +28,10 @@ from hvfunc.data.report import SkipReport
 
 TEXT_KEYS = ("text_states", "text_mask", "text_states_2")
 KEYS = {"t2v": ("latents", *TEXT_KEYS), "i2v": ("latents", *TEXT_KEYS, "cond_latents")}
+NOIMG_KEYS = ("text_states_noimg", "text_mask_noimg")
+"""I2V image dropout: LLaVA states and mask of (same prompt, black image), stand-ins for
+text_states / text_mask with the same shapes. CLIP sees no image, so text_states_2 stays."""
+NOIMG_FLAG = "scripts/extract.py --task i2v --image-dropout-features True"
 
 
 def sample_path(root: str | Path, sample_id: str) -> Path:
@@ -36,10 +43,34 @@ def write_sample(root: str | Path, record: dict, tensors: dict[str, Tensor]) -> 
     missing = [k for k in KEYS[record["task"]] if k not in tensors]
     if missing:
         raise ValueError(f"sample {record['id']}: missing tensors {missing}")
+    if any(k in tensors for k in NOIMG_KEYS):
+        why = "they are I2V features" if record["task"] != "i2v" else noimg_problem(
+            {k: list(v.shape) for k, v in tensors.items()})
+        if why:
+            raise ValueError(f"sample {record['id']} ({record['task']}): cannot store {list(NOIMG_KEYS)}: {why}")
     path = sample_path(root, record["id"])
-    rec = dict(record, file=str(path.relative_to(root)), latent_shape=list(tensors["latents"].shape))
+    rec = dict(record, file=str(path.relative_to(root)), latent_shape=list(tensors["latents"].shape),
+               keys=sorted(tensors))
     io.save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"record": json.dumps(rec)})
     return path
+
+
+def stored_shapes(path: str | Path) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in a sample file (reads the header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def noimg_problem(shapes: dict[str, list[int]]) -> str | None:
+    """Why a sample's tensors (name -> shape) cannot serve image dropout; None when they can."""
+    missing = [k for k in NOIMG_KEYS if k not in shapes]
+    if missing:
+        return f"no {missing}"
+    bad = [f"{k} {shapes[k]} vs {ref} {shapes.get(ref)}" for k, ref in zip(NOIMG_KEYS, TEXT_KEYS)
+           if shapes[k] != shapes.get(ref)]
+    return f"shapes differ: {bad}" if bad else None
 
 
 def build_index(root: str | Path) -> list[dict]:
@@ -76,30 +107,43 @@ class FeatureDataset(torch.utils.data.Dataset):
     """Samples of a feature folder for one task; unreadable files are skipped and reported.
 
     Items are indices or (index, draw_seed) pairs as BucketSampler yields them; the seed
-    comes back in the sample so the trainer draws that sample's noise from it."""
+    comes back in the sample so the trainer draws that sample's noise from it.
+    noimg=True (I2V image dropout) also loads NOIMG_KEYS and raises a ValueError unless
+    every usable sample has them: dropping the image on only some samples would be silent."""
 
-    def __init__(self, root: str | Path, *, task: str = "t2v", report: SkipReport | None = None) -> None:
+    def __init__(self, root: str | Path, *, task: str = "t2v", noimg: bool = False,
+                 report: SkipReport | None = None) -> None:
+        if noimg and task != "i2v":
+            raise ValueError(f"black-image features (image dropout) exist for I2V only, not {task}")
         self.root, self.task = Path(root), task
+        self.tensor_keys = KEYS[task] + (NOIMG_KEYS if noimg else ())
         self.report = report or SkipReport()
         records = read_index(root)
         self.report.listed = len(records)
-        self.records = [r for r in records if self._usable(r)]
+        self._noimg_missing: list[str] = []
+        self.records = [r for r in records if self._usable(r, noimg)]
         if not self.records:
             raise ValueError(f"no usable {task} sample in {root}:\n{self.report.summary(0)}")
+        if self._noimg_missing:
+            raise ValueError(f"{len(self._noimg_missing)} of {len(self.records)} samples in {root} have no usable "
+                             f"black-image features for image dropout (first: {self._noimg_missing[0]}); write them "
+                             f"with {NOIMG_FLAG} (on by default for I2V; a rerun into this folder re-extracts the "
+                             f"samples that lack them) or train with image_dropout 0")
 
-    def _usable(self, r: dict) -> bool:
+    def _usable(self, r: dict, noimg: bool) -> bool:
         path = self.root / r.get("file", "")
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                missing = [k for k in KEYS[self.task] if k not in f.keys()]
+            shapes = stored_shapes(path)
         except Exception as e:  # noqa: BLE001 - any unreadable file is a reported skip
             self.report.add(path, "bad_feature", f"{type(e).__name__}: {e}")
             return False
+        missing = [k for k in KEYS[self.task] if k not in shapes]
         if missing:
             self.report.add(path, "bad_feature", f"no {missing} (extracted for another task?)")
-        return not missing
+            return False
+        if noimg and (why := noimg_problem(shapes)):
+            self._noimg_missing.append(f"{path}: {why}")
+        return True
 
     def __len__(self) -> int:
         return len(self.records)
@@ -112,7 +156,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         i, seed = item if isinstance(item, tuple) else (item, item)
         r = self.records[i]
         t = io.load_safetensors(self.root / r["file"])
-        return {k: t[k] for k in KEYS[self.task]} | {"caption": r.get("caption", ""), "index": i, "seed": seed}
+        return {k: t[k] for k in self.tensor_keys} | {"caption": r.get("caption", ""), "index": i, "seed": seed}
 
 
 def collate(samples: Sequence[dict]) -> dict:
