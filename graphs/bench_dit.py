@@ -84,7 +84,7 @@ class TrainBench(DiTBench):
     """Training-step memory mode (see DiTBench.recompute)."""
     recompute_mode: Literal["full", "selective", "offload"] = "full"
     """Ours: full recompute of every block, selective (keep attention outputs), or selective
-    with those outputs offloaded to pinned host memory (runs eagerly: no compile)."""
+    with those outputs offloaded to pinned host memory."""
 
 
 def _inputs(b: DiTBench, cfg: DiTConfig, device: torch.device) -> dict:
@@ -132,7 +132,7 @@ def bench_dit(b: DiTBench) -> list[dict]:
             mode = getattr(b, "recompute_mode", "full")
             rc = (Recompute(double_full=b.double, single_full=b.single) if mode == "full"
                   else Recompute(selective=True, offload=mode == "offload"))
-            full = make_blocks(recompute=rc, compile=Compile(backend="none" if mode == "offload" else b.compile))
+            full = make_blocks(recompute=rc, compile=Compile(backend=b.compile))
             impls = {f"hvfunc+recompute ({mode})": lambda: dit.forward(params, **inp, cfg=cfg, blocks=full),
                      "diffusers+checkpointing": impls["diffusers"]}
             ref.enable_gradient_checkpointing()

@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from graphs import backends
-from graphs.recompute import Recompute, with_recompute
+from graphs.recompute import Recompute, offload_saved, with_recompute
 from hvfunc import dit
 from hvfunc.params import Params
 
@@ -92,9 +92,6 @@ def make_blocks(*, prepare: Callable[[Params], Params] | ShardedPrepare | None =
     if compile.backend == "auto":
         compile = dataclasses.replace(compile, backend=backends.default_compile_backend(device))
     compiling = compile.backend != "none" or backend_fn is not None
-    if recompute.offload and compiling:
-        raise ValueError("recompute.offload runs the blocks eagerly (torch.compile cannot trace its offload "
-                         "hooks): use compile.backend none, or selective recompute without offload")
     if dtensor_params and compiling and not hasattr(prepare, "shards"):
         raise ValueError("compiled blocks over DTensor leaves need prepare=parallel.gather.BlockGather(...) "
                          f"(it gathers inside the graph), got {prepare!r}")
@@ -107,10 +104,12 @@ def make_blocks(*, prepare: Callable[[Params], Params] | ShardedPrepare | None =
             def body(p: Params, *args, _block=block, **kw):
                 return _block(prepare(p) if prepare else p, *args, **kw)
 
+            inner = "selective" if compiling and mode == "offload" else mode  # offload_saved does it
             if dtensor_params and compiling:
-                cache[kind, mode] = _sharded(block, prepare, mode, compile, backend_fn)
+                fn = _sharded(block, prepare, inner, compile, backend_fn)
             else:
-                cache[kind, mode] = compiled(with_recompute(body, mode), compile, backend_fn)
+                fn = compiled(with_recompute(body, inner), compile, backend_fn)
+            cache[kind, mode] = offload_saved(fn) if inner != mode else fn
         return cache[kind, mode]
 
     return dit.Blocks(double=lambda i: fn_for("double", i), single=lambda i: fn_for("single", i))

@@ -12,9 +12,12 @@ Modes (per stream, like the seed's double/single_stream_full_recompute_layers):
              enters the block, overlapping the copy with the recomputed q|k|v matmuls.
              On CPU the "host" copy is a plain copy (no memory saved; it runs so the
              path is tested everywhere).
-Offload is a pair of dispatch modes (save/offload in the forward, replay in the recompute)
-handed to torch.utils.checkpoint as its context_fn, so it runs the blocks eagerly:
-torch.compile accepts only torch's own selective-checkpoint contexts inside a graph.
+Eager blocks offload with a pair of dispatch modes (save/offload in the forward, replay in
+the recompute) handed to torch.utils.checkpoint as its context_fn. Compiled blocks keep
+torch's selective policy inside the graph (dynamo accepts no other context_fn), and
+`offload_saved` moves what the compiled block saves for its backward, apart from its
+inputs, through saved_tensors_hooks: the same tensors, reloaded when the backward needs
+them rather than prefetched.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from hvfunc.params import Params
@@ -47,7 +50,7 @@ class Recompute:
     """Remaining blocks: keep attention outputs, recompute everything else."""
     offload: bool = False
     """With selective: keep those attention outputs in pinned host memory, copied
-    asynchronously (saves device memory on CUDA/NPU; blocks run eagerly)."""
+    asynchronously (saves device memory on CUDA/NPU; eager or compiled blocks)."""
 
     def mode(self, kind: str, i: int) -> Mode:
         """The mode of double ("double") or single ("single") block i."""
@@ -96,18 +99,19 @@ class _Store:
             self.stream = mod.Stream(device)
         return mod, self.stream
 
-    def offload(self, out) -> None:
-        def down(t):
-            if not isinstance(t, Tensor) or t.device.type == "cpu":
-                return t.clone() if isinstance(t, Tensor) else t
-            mod, side = self._side(t.device)
-            side.wait_stream(mod.current_stream(t.device))  # t is complete on the compute stream
-            with mod.stream(side):
-                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-            t.record_stream(side)  # its memory is not reused before the copy has read it
-            return _Host(h, t.device)
+    def down(self, t):
+        """A tensor -> its pinned host copy (started on the side stream); CPU: a plain copy."""
+        if not isinstance(t, Tensor) or t.device.type == "cpu":
+            return t.clone() if isinstance(t, Tensor) else t
+        mod, side = self._side(t.device)
+        side.wait_stream(mod.current_stream(t.device))  # t is complete on the compute stream
+        with mod.stream(side):
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+        t.record_stream(side)  # its memory is not reused before the copy has read it
+        return _Host(h, t.device)
 
-        self.host.append(tree_map(down, out, is_leaf=lambda x: isinstance(x, Tensor)))
+    def offload(self, out) -> None:
+        self.host.append(tree_map(self.down, out, is_leaf=lambda x: isinstance(x, Tensor)))
 
     def start_reload(self) -> None:
         def up(e):
@@ -164,6 +168,30 @@ class _Replay(TorchDispatchMode):
                                "(the block must be deterministic in its control flow)")
         self.i += 1
         return self.store.take(self.i - 1)
+
+
+def offload_saved(fn: Callable) -> Callable:
+    """fn (a compiled selective block: one autograd node) with the tensors it saves for the
+    backward that are not its inputs - the kept attention outputs and their log-sum-exp -
+    offloaded: copied to pinned host memory on a side stream when saved, copied back on the
+    compute stream when its backward needs them. Compiled graphs hide their ops from
+    dispatch modes, but not their saved tensors from saved_tensors_hooks."""
+
+    def run(*args, **kw):
+        local = [getattr(t, "to_local", lambda t=t: t)() for t in tree_leaves((args, kw)) if isinstance(t, Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in local}  # (DTensor leaves: their local shards)
+        store = _Store()
+
+        def pack(t: Tensor):
+            return t if t.untyped_storage().data_ptr() in inputs else store.down(t)
+
+        def unpack(e) -> Tensor:
+            return e.tensor.to(e.device, non_blocking=True) if isinstance(e, _Host) else e
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return fn(*args, **kw)
+
+    return run
 
 
 def _offload_contexts() -> tuple[TorchDispatchMode, TorchDispatchMode]:

@@ -42,6 +42,6 @@ for section in "$@"; do
       timeout 200 python3 scripts/bench.py sample $FULL --frames 9 --height 68 --width 120 --repeats 5 \
         --compile inductor --json "$OUT/sample.json" 2>&1 | tee "$OUT/sample.log" | grep -v Warning
       timeout 200 python3 scripts/bench.py train $FULL --frames 9 --height 90 --width 160 --repeats 3 \
-        --recompute-mode offload --json "$OUT/train_offload.json" 2>&1 | tee "$OUT/train_offload.log" | grep -v Warning ;;
+        --recompute-mode offload --compile inductor --json "$OUT/train_offload.json" 2>&1 | tee "$OUT/train_offload.log" | grep -v Warning ;;
   esac
 done

@@ -79,8 +79,41 @@ def test_selective_keeps_exactly_the_attention_outputs():
     assert held["offload"] == held["selective"]
 
 
-def test_offload_rejects_compile_and_needs_selective():
-    with pytest.raises(ValueError, match="eagerly"):
-        make_blocks(recompute=Recompute(selective=True, offload=True), compile=Compile(backend="aot_eager"))
+def test_offload_needs_selective():
     with pytest.raises(ValueError, match="selective"):
         make_blocks(recompute=Recompute(offload=True)).double(0)
+
+
+def test_compiled_offload_moves_only_what_the_graph_saves_besides_its_inputs():
+    """Compiled selective blocks keep the attention output [B, N, L, K] and its log-sum-exp
+    [B, N, L]; offload_saved copies exactly those (CPU: a plain copy), results unchanged."""
+    from graphs import recompute
+
+    cfg = DIT_PRESETS["tiny"]
+    params = {k: v.requires_grad_(True) for k, v in random_params(cfg).items()}
+    inp = dit_inputs(cfg, B=1, lens=(12,), T=2, H=8, W=8)
+    L, N, K = 2 * 4 * 4 + 12, cfg.heads_num, cfg.head_dim
+    copied, down = [], recompute._Store.down
+
+    def spy(self, t):
+        copied.append(tuple(t.shape))
+        return down(self, t)
+
+    def run(rc, backend):
+        torch._dynamo.reset()
+        for v in params.values():
+            v.grad = None
+        out = dit.forward(params, **inp, cfg=cfg, blocks=make_blocks(recompute=rc, compile=Compile(backend=backend)))
+        out.square().mean().backward()
+        return out.detach(), {k: v.grad.clone() for k, v in params.items()}
+
+    ref = run(Recompute(), "none")
+    recompute._Store.down = spy
+    try:
+        got = run(Recompute(selective=True, offload=True), "aot_eager")
+    finally:
+        recompute._Store.down = down
+    assert torch.allclose(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    assert all(torch.allclose(got[1][k], ref[1][k], rtol=1e-5, atol=1e-7) for k in ref[1])
+    blocks = cfg.mm_double_blocks_depth + cfg.mm_single_blocks_depth
+    assert sorted(copied) == sorted([(1, N, L, K), (1, N, L)] * blocks), copied

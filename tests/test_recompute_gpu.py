@@ -5,7 +5,7 @@ import torch
 from conftest import dit_inputs, random_params
 from reference import rel_err
 
-from graphs.blocks import Recompute, make_blocks
+from graphs.blocks import Compile, Recompute, make_blocks
 from graphs.memory import held_memory
 from hvfunc import dit
 from hvfunc.config import DIT_PRESETS
@@ -13,7 +13,8 @@ from hvfunc.config import DIT_PRESETS
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def test_offload_moves_the_kept_attention_outputs_off_the_device():
+@pytest.mark.parametrize("backend", ["none", "inductor"])
+def test_offload_moves_the_kept_attention_outputs_off_the_device(backend):
     cfg = DIT_PRESETS["tiny"].replace(hidden_size=256, heads_num=4, rope_dim_list=(16, 24, 24),
                                       mm_double_blocks_depth=4, mm_single_blocks_depth=8)
     params = {k: v.cuda().requires_grad_(True) for k, v in random_params(cfg, scale=0.05).items()}
@@ -23,8 +24,8 @@ def test_offload_moves_the_kept_attention_outputs_off_the_device():
     for name, rc in (("selective", Recompute(selective=True)), ("offload", Recompute(selective=True, offload=True))):
         for v in params.values():
             v.grad = None
-        out, held = held_memory(lambda: dit.forward(params, **inp, cfg=cfg, blocks=make_blocks(recompute=rc)),
-                                device="cuda")
+        blocks = make_blocks(recompute=rc, compile=Compile(backend=backend))
+        out, held = held_memory(lambda: dit.forward(params, **inp, cfg=cfg, blocks=blocks), device="cuda")
         out.square().mean().backward()
         results[name] = (out.detach(), {k: v.grad.clone() for k, v in params.items()}, held)
     (o_s, g_s, held_s), (o_o, g_o, held_o) = results["selective"], results["offload"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from dist import spawn
 
+from graphs.blocks import Compile
 from graphs.recompute import Recompute
 from hvfunc import io
 from hvfunc.config import DIT_PRESETS
@@ -96,7 +97,8 @@ def test_resume_continues_the_same_trajectory(tmp):
 
 def test_checkpoint_reshards_across_meshes(tmp):
     """Save at dp-shard 2 x tp 2 (step 2); resume at one process and at cp 2: step 3 is the same.
-    The cp 2 run also recomputes (full / selective with offload): that changes memory, not results."""
+    The cp 2 run also recomputes (full / selective with offload, compiled blocks): that changes
+    memory, not results."""
     import shutil
 
     feats = make_features(tmp / "feats")
@@ -111,7 +113,9 @@ def test_checkpoint_reshards_across_meshes(tmp):
         run = tmp / f"y{world}"
         shutil.copytree(tmp / "ref" / "checkpoints", run / "checkpoints")
         rc = Recompute(double_full=1, selective=True, offload=True) if world == 2 else Recompute()
-        (step3,) = _spawn_train(world, [_cfg(feats, run, steps=3, parallel=par, batch_size=4, recompute=rc)], tmp)
+        cc = Compile(backend="aot_eager") if world == 2 else Compile()  # offload_saved around compiled blocks
+        (step3,) = _spawn_train(world, [_cfg(feats, run, steps=3, parallel=par, batch_size=4, recompute=rc,
+                                             compile=cc)], tmp)
         assert step3 == pytest.approx(ref[1], rel=1e-5)  # the global batch (4) is the same: same data
         a, b = _final_params(run), ref_params
         for k in a:
