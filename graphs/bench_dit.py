@@ -87,7 +87,7 @@ class TrainBench(DiTBench):
     with those outputs offloaded to pinned host memory."""
 
 
-def _inputs(b: DiTBench, cfg: DiTConfig, device: torch.device) -> dict:
+def inputs(b: DiTBench, cfg: DiTConfig, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b.batch, cfg.in_channels, b.frames, b.height, b.width, generator=g)
     return dict(x=x.to(device), t=torch.full((b.batch,), 700.0, device=device),
@@ -112,7 +112,7 @@ def models(b: DiTBench, device: torch.device, dtype: torch.dtype) -> tuple[dict,
 def bench_dit(b: DiTBench) -> list[dict]:
     device, dtype, cfg = torch.device(b.device), DTYPES[b.dtype], b.model()
     params, ref = models(b, device, dtype)
-    inp = _inputs(b, cfg, device)
+    inp = inputs(b, cfg, device)
     ref_inp = dict(hidden_states=inp["x"].to(dtype), timestep=inp["t"], encoder_hidden_states=inp["text_states"].to(dtype),
                    encoder_attention_mask=inp["text_mask"], pooled_projections=inp["text_states_2"].to(dtype),
                    guidance=inp["guidance"], return_dict=False)
@@ -124,7 +124,7 @@ def bench_dit(b: DiTBench) -> list[dict]:
     tokens = b.batch * b.frames * (b.height // 2) * (b.width // 2)
     peak = bench.matmul_peak(device, dtype)
     with torch.no_grad():
-        rows = _rows("forward", impls, device, b.repeats, tokens, peak)
+        rows = timed_rows("forward", impls, device, b.repeats, tokens, peak)
     if b.backward:
         for v in params.values():
             v.requires_grad_(True)
@@ -146,14 +146,14 @@ def bench_dit(b: DiTBench) -> list[dict]:
                 fn().float().square().mean().backward()
             return run
 
-        rows += _rows("forward+backward", {k: step(fn, leaves[k]) for k, fn in impls.items()}, device, b.repeats,
+        rows += timed_rows("forward+backward", {k: step(fn, leaves[k]) for k, fn in impls.items()}, device, b.repeats,
                       tokens, peak)
     for r in rows:
         r.update(tokens=tokens, dtype=b.dtype, device=bench.machine(), matmul_peak_tflops=peak / 1e12)
     return rows
 
 
-def _rows(what: str, impls: dict, device: torch.device, repeats: int, tokens: int, peak: float) -> list[dict]:
+def timed_rows(what: str, impls: dict, device: torch.device, repeats: int, tokens: int, peak: float) -> list[dict]:
     """One row per implementation (the last is the reference); FLOPs counted once on the first;
     ratio = time / the reference's time."""
     flops = bench.count_flops(next(iter(impls.values())))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from graphs import bench, sampling
-from graphs.bench_dit import DTYPES, DiTBench, _inputs, _rows, models
+from graphs.bench_dit import DTYPES, DiTBench, inputs, models, timed_rows
 from hvfunc import sample
 
 
@@ -61,7 +61,7 @@ def _reference_step(b: SampleBench, ref, inp: dict, x: torch.Tensor, z: torch.Te
 def run(b: SampleBench) -> list[dict]:
     device, dtype, cfg = torch.device(b.device), DTYPES[b.dtype], b.model()
     params, ref = models(b, device, dtype)
-    inp = _inputs(b, cfg, device)
+    inp = inputs(b, cfg, device)
     x = inp["x"].float()
     z = torch.randn(b.batch, cfg.in_channels, 1, b.height, b.width, generator=torch.Generator().manual_seed(1))
     z = z.to(device) if b.i2v else None
@@ -87,7 +87,7 @@ def run(b: SampleBench) -> list[dict]:
     errs = {k: float((fn().float() - want).abs().max() / want.abs().max()) for k, fn in impls.items()}
     tokens = b.batch * b.frames * (b.height // 2) * (b.width // 2)
     peak = bench.matmul_peak(device, dtype)
-    rows = _rows("sample step", impls, device, b.repeats, tokens, peak)
+    rows = timed_rows("sample step", impls, device, b.repeats, tokens, peak)
     for r in rows:
         r.update(rel_err=errs[r["impl"]], tokens=tokens, dtype=b.dtype, device=bench.machine(),
                  matmul_peak_tflops=peak / 1e12)

@@ -16,12 +16,10 @@ from torch import Tensor
 
 
 def linear(x: Tensor, p: dict[str, Tensor], name: str) -> Tensor:
-    """`x @ W.T + b` for leaves `name.weight` / `name.bias`; a [3, N*K, D] weight gives [..., 3*N*K].
+    """`x @ W.T + b` for leaves `name.weight` / `name.bias` (fused q|k|v leaves: `qkv`).
 
     The input is cast to the weight's dtype: a precision policy may keep some leaves fp32."""
     w, b = p[f"{name}.weight"], p.get(f"{name}.bias")
-    if w.dim() == 3:  # fused q|k|v stored [3, N*K, D]: one GEMM, rows in the official "(K H D)" order
-        w, b = w.flatten(0, 1), None if b is None else b.flatten()
     return F.linear(x.to(w.dtype), w, b)
 
 
@@ -46,15 +44,15 @@ class _QKV(torch.autograd.Function):
     def backward(ctx, *grads: Tensor):
         x, w = ctx.saved_tensors
         x2 = x.reshape(-1, x.shape[-1])
-        gx = torch.zeros_like(x2) if ctx.needs_input_grad[0] else None
+        gx = None
         gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
         gb = w.new_zeros(w.shape[:2]) if ctx.has_bias and ctx.needs_input_grad[2] else None
         for i, g in enumerate(grads):
             if g is None:
                 continue
             g2 = g.reshape(-1, g.shape[-1])
-            if gx is not None:
-                gx = gx.addmm(g2, w[i])
+            if ctx.needs_input_grad[0]:  # accumulated in place: one [B*L, D] buffer
+                gx = g2 @ w[i] if gx is None else gx.addmm_(g2, w[i])
             if gw is not None:
                 gw[i] = g2.t() @ x2
             if gb is not None:
