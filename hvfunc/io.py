@@ -73,6 +73,14 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def safetensors_shapes(path: str | Path) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in a safetensors file (reads the header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
 def save_pickle(obj: object, path: str | Path) -> None:
     """torch.save atomically. Views are cloned first: torch.save would write their whole base storage."""
     def own(v: object) -> object:

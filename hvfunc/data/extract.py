@@ -25,7 +25,7 @@ from hvfunc import io, params, vae
 from hvfunc.config import VAE_PRESETS, VAEConfig
 from hvfunc.data.buckets import mix_seed
 from hvfunc.data.dataset import VideoDataset
-from hvfunc.data.features import NOIMG_KEYS, noimg_problem, sample_path, stored_shapes
+from hvfunc.data.features import NOIMG_KEYS, noimg_problem, sample_path
 from hvfunc.data.video import ClipError
 from hvfunc.params import Params
 from hvfunc.text import TextEncoders, black_images, encode_prompts
@@ -82,7 +82,7 @@ def pending(root: str | Path, ds: VideoDataset, batches: list[list[int]], *,
 
     def lacks(path: Path) -> bool:
         try:
-            return noimg_problem(stored_shapes(path)) is not None
+            return noimg_problem(io.safetensors_shapes(path)) is not None
         except Exception:  # noqa: BLE001 - unreadable: extracting it again is the fix
             return True
 

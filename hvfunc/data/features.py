@@ -55,14 +55,6 @@ def write_sample(root: str | Path, record: dict, tensors: dict[str, Tensor]) -> 
     return path
 
 
-def stored_shapes(path: str | Path) -> dict[str, list[int]]:
-    """Name -> shape of every tensor in a sample file (reads the header only)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-
-
 def noimg_problem(shapes: dict[str, list[int]]) -> str | None:
     """Why a sample's tensors (name -> shape) cannot serve image dropout; None when they can."""
     missing = [k for k in NOIMG_KEYS if k not in shapes]
@@ -133,7 +125,7 @@ class FeatureDataset(torch.utils.data.Dataset):
     def _usable(self, r: dict, noimg: bool) -> bool:
         path = self.root / r.get("file", "")
         try:
-            shapes = stored_shapes(path)
+            shapes = io.safetensors_shapes(path)
         except Exception as e:  # noqa: BLE001 - any unreadable file is a reported skip
             self.report.add(path, "bad_feature", f"{type(e).__name__}: {e}")
             return False
