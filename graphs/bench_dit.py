@@ -7,6 +7,7 @@ matmul peak, and CUDA peak memory; `ratio` = ours / diffusers time (< 1 is faste
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -128,7 +129,9 @@ def bench_dit(b: DiTBench) -> list[dict]:
     if b.backward:
         for v in params.values():
             v.requires_grad_(True)
+        count = None  # FLOPs of the first impl, unless it recomputes
         if b.recompute:
+            count = impls["hvfunc"]  # eager, no recompute: the recomputed forward is not credited
             mode = getattr(b, "recompute_mode", "full")
             rc = (Recompute(double_full=b.double, single_full=b.single) if mode == "full"
                   else Recompute(selective=True, offload=mode == "offload"))
@@ -147,16 +150,18 @@ def bench_dit(b: DiTBench) -> list[dict]:
             return run
 
         rows += timed_rows("forward+backward", {k: step(fn, leaves[k]) for k, fn in impls.items()}, device, b.repeats,
-                      tokens, peak)
+                           tokens, peak, count=count and step(count, list(params.values())))
     for r in rows:
         r.update(tokens=tokens, dtype=b.dtype, device=bench.machine(), matmul_peak_tflops=peak / 1e12)
     return rows
 
 
-def timed_rows(what: str, impls: dict, device: torch.device, repeats: int, tokens: int, peak: float) -> list[dict]:
-    """One row per implementation (the last is the reference); FLOPs counted once on the first;
-    ratio = time / the reference's time."""
-    flops = bench.count_flops(next(iter(impls.values())))
+def timed_rows(what: str, impls: dict, device: torch.device, repeats: int, tokens: int, peak: float,
+               count: Callable[[], object] | None = None) -> list[dict]:
+    """One row per implementation (the last is the reference); FLOPs counted once, eagerly, on
+    `count` (default: the first impl; FlopCounterMode is a dispatch mode, which compiled
+    selective-checkpoint regions refuse); ratio = time / the reference's time."""
+    flops = bench.count_flops(count or next(iter(impls.values())))
     out = []
     for impl, fn in impls.items():
         sec = bench.median_seconds(fn, device=device, repeats=repeats, warmup=2 if "compile" in impl else 1)

@@ -29,3 +29,23 @@ def test_dit_forward_flops_match_the_analytic_count():
     expected = forward_flops(cfg, batch=1, video_tokens=video, text_tokens=12)
     # the analytic count leaves out per-sample work (modulation, embedders): a few percent here
     assert expected <= counted <= 1.1 * expected, (counted, expected)
+
+
+def test_train_bench_credits_model_flops_for_every_recompute_mode():
+    """The train bench counts FLOPs on an eager step without recompute (FlopCounterMode is a
+    dispatch mode, which a compiled selective-checkpoint block refuses), so every recompute
+    mode is credited the same model FLOPs as the plain forward+backward."""
+    from graphs.bench_dit import DiTBench, TrainBench, bench_dit
+
+    shapes = dict(hidden=64, heads=2, double=1, single=1, frames=2, height=8, width=8, text_len=8, text_dim=32,
+                  repeats=1)
+
+    def flops(rows, impl):
+        (r,) = [r for r in rows if r["impl"] == impl and r["bench"].endswith("forward+backward")]
+        return round(r["tflops"] * r["seconds"] * 1e12)
+
+    plain = flops(bench_dit(DiTBench(**shapes)), "hvfunc")
+    for mode in ("full", "selective"):
+        rows = bench_dit(TrainBench(**shapes, compile="aot_eager", recompute_mode=mode))
+        assert flops(rows, f"hvfunc+recompute ({mode})") == plain
+        assert flops(rows, "diffusers+checkpointing") == plain
