@@ -1,4 +1,4 @@
-"""The per-block FSDP gather as functional collectives on plain tensors, for compiled blocks.
+"""The per-block FSDP gather of training as functional collectives on plain tensors.
 
 `plan.gather` gathers with a DTensor redistribute; torch 2.13 fails on that inside a
 compiled, fully checkpointed region (AOTAutograd saves the DeviceMesh for the backward:
@@ -15,13 +15,16 @@ recompute replays - following the same rules (plan.gather_placements), per mesh 
   kept as stored               nothing                                      tp compute splits
 Uneven shards (torch.chunk sizes: ceil(size / ranks) each, the last ones smaller or
 empty) are zero-padded to that chunk before the all-gather and trimmed after it; the
-padding's backward drops the padded rows of the gradient.
+padding's backward drops the padded rows of the gradient. Leaves are cast to their
+compute dtype before the gather (bf16 moves half the bytes of fp32, as FSDP2's
+param_dtype) and their gradients back to the storage dtype before any reduction, so
+gradients are summed in fp32 exactly as with a cast after an fp32 gather. Eager blocks
+(and the leaves outside the blocks) take the same path, without compiling it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -30,12 +33,20 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
+from graphs.precision import Precision, compute_dtypes
 from hvfunc.params import Params
 from parallel import plan
 
 # renamed in torch 2.13; the old names still exist (deprecated) on 2.11 - 2.13
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 _reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+_all_reduce = funcol.all_reduce
+
+
+def _done(t: Tensor) -> Tensor:
+    """Eager: wait for the collective now (no half-finished result escapes into autograd
+    or the optimizer). Traced: funcol returns plain tensors and the compiler places the waits."""
+    return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
 
 
 class Axis(NamedTuple):
@@ -52,55 +63,61 @@ class Axis(NamedTuple):
 Layout = tuple[Axis, ...]
 
 
-class _SumGrad(torch.autograd.Function):
-    """Identity; backward all-reduces (sums) the gradient."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: str) -> Tensor:
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        return funcol.all_reduce(g.contiguous(), "sum", ctx.group), None
-
-
-class _Gather(torch.autograd.Function):
-    """All-gather on dim; backward reduce-scatters (sums) the gradient or, when it is whole
-    and equal on every rank, takes this rank's chunk of it (no collective)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, dim: int, group: str, rank: int, sums: bool) -> Tensor:
-        ctx.dim, ctx.group, ctx.rank, ctx.chunk, ctx.sums = dim, group, rank, x.shape[dim], sums
-        return _all_gather(x.contiguous(), dim, group)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        if ctx.sums:
-            g = _reduce_scatter(g.contiguous(), "sum", ctx.dim, ctx.group)
-        else:
-            g = g.narrow(ctx.dim, ctx.rank * ctx.chunk, ctx.chunk)
-        return g, None, None, None, None
-
-
-def _gather_axis(x: Tensor, a: Axis) -> Tensor:
+def _gather_axis(y: Tensor, a: Axis) -> Tensor:
+    """Forward of one axis: all-gather on a.dim (uneven shards padded, then trimmed)."""
     if a.dim is None:
-        return _SumGrad.apply(x, a.group)
+        return y
     chunk = -(-a.size // a.ranks)
-    if pad := chunk - x.shape[a.dim]:
-        x = F.pad(x, [0, 0] * (x.ndim - 1 - a.dim) + [0, pad])
-    y = _Gather.apply(x, a.dim, a.group, a.rank, a.sums)
+    if pad := chunk - y.shape[a.dim]:
+        y = F.pad(y, [0, 0] * (y.ndim - 1 - a.dim) + [0, pad])
+    y = _done(_all_gather(y.contiguous(), a.dim, a.group))
     return y if chunk * a.ranks == a.size else y.narrow(a.dim, 0, a.size)
 
 
-def gather(local: Params, layouts: dict[str, Layout]) -> Params:
-    """Local shards -> compute leaves, with functional collectives only (traceable by
-    dynamo, fullgraph). Leaves without a layout pass through."""
+def _reduce_axis(g: Tensor, a: Axis, local: int) -> Tensor:
+    """Backward of one axis: the gradient of this rank's `local` rows on a.dim."""
+    if a.dim is None:
+        return _done(_all_reduce(g.contiguous(), "sum", a.group)) if a.sums else g
+    chunk = -(-a.size // a.ranks)
+    if pad := chunk * a.ranks - a.size:
+        g = F.pad(g, [0, 0] * (g.ndim - 1 - a.dim) + [0, pad])
+    if a.sums:
+        g = _done(_reduce_scatter(g.contiguous(), "sum", a.dim, a.group))
+    else:
+        g = g.narrow(a.dim, a.rank * chunk, chunk)
+    return g if local == chunk else g.narrow(a.dim, 0, local)
+
+
+class _GatherLeaf(torch.autograd.Function):
+    """Cast to the compute dtype, then gather over each axis of the layout in order.
+    Backward: the gradient back in the storage dtype first, so every reduction (reduce-
+    scatter, all-reduce) sums fp32, then each axis in reverse order. As cast-after-gather
+    bit for bit, with half the gather traffic in bf16."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layout: Layout, dtype: torch.dtype) -> Tensor:
+        ctx.layout, ctx.dtype, ctx.local = layout, x.dtype, []
+        y = x.to(dtype)
+        for a in layout:
+            ctx.local.append(0 if a.dim is None else y.shape[a.dim])
+            y = _gather_axis(y, a)
+        return y.view_as(y) if y is x else y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        g = g.to(ctx.dtype)
+        for a, local in zip(reversed(ctx.layout), reversed(ctx.local)):
+            g = _reduce_axis(g, a, local)
+        return g, None, None
+
+
+def gather(local: Params, layouts: dict[str, Layout], dtypes: dict[str, torch.dtype] | None = None) -> Params:
+    """Local shards -> compute leaves in `dtypes` (default: as stored), with functional
+    collectives only (traceable by dynamo, fullgraph). Leaves without a layout are only cast."""
     out = {}
     for k, x in local.items():
-        for a in layouts.get(k, ()):
-            x = _gather_axis(x, a)
-        out[k] = x
+        dtype = (dtypes or {}).get(k, x.dtype)
+        out[k] = _GatherLeaf.apply(x, layouts[k], dtype) if layouts.get(k) else x.to(dtype)
     return out
 
 
@@ -139,22 +156,23 @@ def shards(params: Params, *, split: frozenset[str], sp: bool = False) -> tuple[
 
 @dataclass(frozen=True)
 class BlockGather:
-    """`prepare` of DTensor block leaves for graphs.blocks.make_blocks(dtensor_params=True):
-    called directly it gathers eagerly (plan.gather_tree); `shards` (outside) and `gather`
-    (inside) split the same work around a compiled block. `then` runs on the gathered
-    leaves (the precision cast, graphs.precision)."""
+    """`prepare` of DTensor leaves for graphs.blocks.make_blocks(dtensor_params=True) and the
+    leaves outside the blocks: `shards` (outside a compiled block) and `gather` (inside)
+    split the work; called directly it does both, eagerly. Leaves are gathered in their
+    compute dtype under `policy` (graphs.precision; None: as stored)."""
 
     split: frozenset[str]
     """plan.tp_split(spec)"""
     sp: bool = False
     """The parallel layout uses sequence parallelism."""
-    then: Callable[[Params], Params] = field(default=lambda p: p)
+    policy: Precision | None = None
+    """Compute dtypes of the gathered leaves (None: the storage dtype)."""
 
     def __call__(self, params: Params) -> Params:
-        return self.then(plan.gather_tree(params, split=self.split, sp=self.sp))
+        return self.gather(*self.shards(params))
 
     def shards(self, params: Params) -> tuple[Params, dict[str, Layout]]:
         return shards(params, split=self.split, sp=self.sp)
 
     def gather(self, local: Params, layouts: dict[str, Layout]) -> Params:
-        return self.then(gather(local, layouts))
+        return gather(local, layouts, None if self.policy is None else compute_dtypes(local, self.policy))

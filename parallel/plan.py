@@ -113,9 +113,10 @@ def is_split(key: str, split: frozenset[str]) -> bool:
 
 
 def gather_tree(params: Params, *, split: frozenset[str], sp: bool = False) -> Params:
-    """Every leaf gathered for compute (graphs.precision casts after this, so gradients are
-    reduced in the storage dtype, fp32). params: the whole tree or one block's sub-tree;
-    split: tp_split(spec); sp: the layout uses sequence parallelism."""
+    """Every leaf gathered for compute with DTensor redistributes, in the storage dtype: the
+    reference that parallel.gather (training's gather: functional collectives, cast first)
+    is tested against, and step.loss's default prepare. params: the whole tree or one
+    block's sub-tree; split: tp_split(spec); sp: the layout uses sequence parallelism."""
     return {k: gather(k, v, split=is_split(k, split), sp=sp) for k, v in params.items()}
 
 

@@ -61,7 +61,7 @@ def loss(params: Params, batch: dict, sigma_B: Tensor, noise: Tensor, *, cfg: Di
          blocks: dit.Blocks | None = None) -> Tensor:
     """This rank's share of the global mean flow-matching loss (sharded DTensor params).
 
-    `prepare` turns sharded leaves into compute leaves (gather, then the precision cast);
+    `prepare` turns sharded leaves into compute leaves (gather and precision cast);
     `blocks` must apply the same preparation to block leaves (default: plain gathered blocks)."""
     sp = meshes.cfg.sequence_parallel
     prepare = prepare or functools.partial(plan.gather_tree, split=plan.tp_split(dit_spec(cfg)), sp=sp)

@@ -11,7 +11,6 @@ SIGTERM; `metrics.jsonl` gets one record per step.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import resource
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from graphs import backends, bench
 from graphs.blocks import Compile, Recompute, make_blocks
-from graphs.precision import Precision, cast
+from graphs.precision import Precision
 from hvfunc import ckpt, flops, flow, io
 from hvfunc.config import dit_preset
 from hvfunc.data.buckets import BucketSampler, group
@@ -205,7 +204,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     policy = Precision(compute=cfg.dtype, fp32_leaves=cfg.fp32_leaves)
     sp = meshes.cfg.sequence_parallel
     split = plan.tp_split(dit_spec(model))
-    prepare = gather.BlockGather(split, sp, then=functools.partial(cast, policy=policy))  # gather, then cast
+    prepare = gather.BlockGather(split, sp, policy=policy)  # cast, then gather (fp32 gradient reduction)
     blocks = make_blocks(prepare=prepare, recompute=cfg.recompute, compile=cfg.compile, dtensor_params=True,
                          device=device)
     attn = backends.attention_backend(cfg.attention)

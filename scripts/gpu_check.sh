@@ -2,46 +2,66 @@
 # The prepared script for a lent GPU machine (device tool). Sections run in the order given:
 #   bash scripts/gpu_check.sh dit tests      # full-width DiT bench; CPU tests on that machine's torch
 #   bash scripts/gpu_check.sh vae train      # VAE/text GPU tests + VAE fp16 bench; training-step MFU
-#   bash scripts/gpu_check.sh new            # GPU tests not run yet: offload memory, CUDA-graph sampling;
-#                                            # sampling-step and offload benches at full width
+#   bash scripts/gpu_check.sh new            # GPU tests not run yet (offload memory, CUDA-graph sampling),
+#                                            # sampling-step bench at full width
+#   bash scripts/gpu_check.sh recompute      # train step with selective recompute and with offload
 # Results go to $OUT. Wheels the image lacks (diffusers, tyro, ...) travel in .whl/.
+# DRY=1 runs every command on this CPU with tiny shapes (catches broken commands before a
+# GPU session; the GPU tests skip themselves there).
 set -uo pipefail
+PY=python3
 OUT=${OUT:-out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ "${DRY:-0}" = 1 ]; then
+  export PYTHONPATH=$PWD; PY=.venv/bin/python  # this checkout's venv (make test creates it)
+elif ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
-FULL="--hidden 3072 --heads 24 --double 2 --single 4 --text-len 256 --text-dim 4096 --dtype bf16 --device cuda"
+if [ "${DRY:-0}" = 1 ]; then
+  FULL="--hidden 64 --heads 2 --double 1 --single 1 --text-len 8 --text-dim 32 --dtype fp32 --device cpu"
+  DIT_SHAPE="--frames 2 --height 8 --width 8"; TRAIN_SHAPE=$DIT_SHAPE; VAE="--preset tiny --device cpu --dtype fp32"
+  COMPILE=aot_eager
+else
+  FULL="--hidden 3072 --heads 24 --double 2 --single 4 --text-len 256 --text-dim 4096 --dtype bf16 --device cuda"
+  DIT_SHAPE="--frames 9 --height 68 --width 120"  # 544x960, 33 frames: 18,360 video tokens
+  TRAIN_SHAPE="--frames 9 --height 90 --width 160"  # 720p, 33 frames: 32,400 video tokens
+  VAE="--preset hunyuan-video --device cuda --dtype fp16"
+  COMPILE=inductor
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+fi
+$PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
 for section in "$@"; do
   case $section in
     dit)
-      timeout 150 python3 scripts/bench.py dit $FULL --frames 9 --height 68 --width 120 --repeats 5 \
+      timeout 150 $PY scripts/bench.py dit $FULL $DIT_SHAPE --repeats 5 \
         --json "$OUT/dit_eager.json" 2>&1 | tee "$OUT/bench_eager.log" | grep -v Warning
-      timeout 240 python3 scripts/bench.py dit $FULL --frames 9 --height 68 --width 120 --repeats 5 \
-        --compile inductor --json "$OUT/dit_compile.json" 2>&1 | tee "$OUT/bench_compile.log" | grep -v Warning ;;
+      timeout 240 $PY scripts/bench.py dit $FULL $DIT_SHAPE --repeats 5 \
+        --compile $COMPILE --json "$OUT/dit_compile.json" 2>&1 | tee "$OUT/bench_compile.log" | grep -v Warning ;;
     tests)
-      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_params.py tests/test_dit_parity.py \
+      timeout 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_params.py tests/test_dit_parity.py \
         tests/test_ckpt.py tests/test_graphs.py tests/test_parallel_layouts.py -k "not inductor" 2>&1 \
         | tee "$OUT/tests.log" | tail -5 ;;
     vae)
-      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_vae_gpu.py tests/test_text.py -k "gpu or device" \
+      timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_vae_gpu.py tests/test_text.py -k "gpu or device" \
         2>&1 | tee "$OUT/vae_text_gpu.log" | tail -5
-      timeout 150 python3 scripts/bench.py vae --preset hunyuan-video --frames 17 --height 256 --width 256 \
-        --device cuda --dtype fp16 --repeats 3 --json "$OUT/vae.json" 2>&1 | tee "$OUT/vae.log" | grep -v Warning ;;
+      timeout 150 $PY scripts/bench.py vae --frames 17 --height 256 --width 256 \
+        $VAE --repeats 3 --json "$OUT/vae.json" 2>&1 | tee "$OUT/vae.log" | grep -v Warning ;;
     train)  # >= 30k video tokens (9 x 90 x 160 latent = 720p, 33 frames), full recompute, compiled
-      timeout 300 python3 scripts/bench.py train $FULL --frames 9 --height 90 --width 160 --repeats 3 \
-        --compile inductor --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log" | grep -v Warning ;;
+      timeout 300 $PY scripts/bench.py train $FULL $TRAIN_SHAPE --repeats 3 \
+        --compile $COMPILE --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log" | grep -v Warning ;;
     new)
-      timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/test_recompute_gpu.py tests/test_sample_gpu.py \
+      timeout 200 $PY -m pytest -q -s -p no:cacheprovider tests/test_recompute_gpu.py tests/test_sample_gpu.py \
         2>&1 | tee "$OUT/new_gpu_tests.log" | tail -8
-      timeout 200 python3 scripts/bench.py sample $FULL --frames 9 --height 68 --width 120 --repeats 5 \
-        --compile inductor --json "$OUT/sample.json" 2>&1 | tee "$OUT/sample.log" | grep -v Warning
-      timeout 200 python3 scripts/bench.py train $FULL --frames 9 --height 90 --width 160 --repeats 3 \
-        --recompute-mode offload --compile inductor --json "$OUT/train_offload.json" 2>&1 | tee "$OUT/train_offload.log" | grep -v Warning ;;
+      timeout 200 $PY scripts/bench.py sample $FULL $DIT_SHAPE --repeats 5 \
+        --compile $COMPILE --json "$OUT/sample.json" 2>&1 | tee "$OUT/sample.log" | grep -v Warning
+      ;;
+    recompute)  # the recommended training mode, and its offload variant
+      for mode in selective offload; do
+        timeout 240 $PY scripts/bench.py train $FULL $TRAIN_SHAPE --repeats 3 --recompute-mode $mode \
+          --compile $COMPILE --json "$OUT/train_$mode.json" 2>&1 | tee "$OUT/train_$mode.log" | grep -v Warning
+      done ;;
   esac
 done

@@ -63,7 +63,7 @@ def test_inductor_train_step_matches_eager():
     _close(_fwd_bwd(cfg, params, inp, blocks), _fwd_bwd(cfg, params, inp))
 
 
-def test_precision_policy_casts_after_gather_and_returns_fp32_grads():
+def test_precision_policy_casts_leaves_and_returns_fp32_grads():
     from graphs.precision import Precision, cast
 
     cfg = DIT_PRESETS["tiny"]

@@ -19,6 +19,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from graphs.blocks import Compile, Recompute, make_blocks
+from graphs.precision import Precision, cast
 from graphs.recompute import is_attention, with_recompute
 from hvfunc.config import DIT_PRESETS
 from hvfunc.dit_spec import dit_spec
@@ -31,7 +32,7 @@ LAYOUTS = (dict(dp_shard=2), dict(dp_shard=1, cp=2), dict(dp_shard=1, tp=2),
 RECOMPUTE = Recompute(double_full=1, single_full=1, selective=True)
 
 
-def _grads(cfg, meshes, blocks):
+def _grads(cfg, meshes, blocks, prepare=None):
     full = random_params(cfg, seed=3, scale=0.1)
     params = plan.shard(full, plan.plan(dit_spec(cfg), meshes), meshes)
     for v in params.values():
@@ -40,7 +41,8 @@ def _grads(cfg, meshes, blocks):
     batch = _batch(cfg, ids)
     sigma, noise = step.sample_noise(ids, tuple(batch["latents"].shape[1:]), seed=SEED, step=0, how=HOW)
     guidance = torch.full((1,), 6000.0) if cfg.guidance_embed else None
-    loss = step.loss(params, batch, sigma, noise, cfg=cfg, meshes=meshes, guidance=guidance, blocks=blocks)
+    loss = step.loss(params, batch, sigma, noise, cfg=cfg, meshes=meshes, guidance=guidance, blocks=blocks,
+                     prepare=prepare)
     loss.backward()
     return step.global_mean(loss, meshes), {k: v.grad.full_tensor() for k, v in params.items()}
 
@@ -127,6 +129,35 @@ LEAVES = [
 ]
 
 
+def _bf16_gather_errors(run, split) -> list:
+    """Cast before the gather: bf16 all-gathers, fp32 reductions, results as a cast after
+    plan.gather's fp32 gather (values exact, fp32 gradients)."""
+    bf16, seen = torch.bfloat16, []
+    ref = run(lambda p: {k: v.to(bf16) for k, v in plan.gather_tree(p, split=split).items()})
+    names = ("_all_gather", "_reduce_scatter", "_all_reduce")
+    saved = {n: getattr(gather, n) for n in names}
+
+    def spy(name):
+        def call(x, *args, **kwargs):
+            seen.append((name, x.dtype))
+            return saved[name](x, *args, **kwargs)
+        return call
+
+    for n in names:
+        setattr(gather, n, spy(n))
+    try:
+        vals, grads = run(lambda p: gather.gather(*gather.shards(p, split=split), {k: bf16 for k in p}))
+    finally:
+        for n in names:
+            setattr(gather, n, saved[n])
+    errors = [("bf16", k, "value") for k in vals if not (vals[k].dtype == bf16 and torch.equal(vals[k], ref[0][k]))]
+    errors += [("bf16", k, "grad") for k in grads if not (grads[k].dtype == torch.float32 and float(
+        (grads[k] - ref[1][k]).norm() / ref[1][k].norm()) <= 1e-6)]
+    errors += [("bf16 collective", s) for s in seen if s not in (("_all_gather", bf16), ("_reduce_scatter", torch.float32),
+                                                                ("_all_reduce", torch.float32))]
+    return errors + ([] if {n for n, _ in seen} >= {"_all_gather", "_reduce_scatter"} else [("bf16 spies", seen)])
+
+
 def _gather_worker(rank, world, out):
     errors = []
     for par in ({"dp_shard": 2, "tp": 2}, {"dp_replicate": 2, "dp_shard": 2}):
@@ -155,6 +186,7 @@ def _gather_worker(rank, world, out):
             errors += [(label, k, "value") for k in vals if not torch.equal(vals[k], ref[0][k])]
             errs = {k: float((grads[k] - ref[1][k]).norm() / ref[1][k].norm()) for k in grads}
             errors += [(label, k, "grad", e) for k, e in errs.items() if not e <= 1e-6]  # sums in another order
+        errors += _bf16_gather_errors(run, split)
         if par.get("tp"):  # two axes sharding one dim: refused up front, not gathered wrong
             nested = distribute_tensor(torch.ones(4, 4), meshes.storage, (R, S0, S0), src_data_rank=None)
             try:
@@ -167,11 +199,44 @@ def _gather_worker(rank, world, out):
 
 
 def test_in_graph_gather_equals_dtensor_gather(tmp):
-    """Uneven, empty, nested (fsdp x tp) and HSDP shards: values exact, gradients as plan.gather's."""
+    """Uneven, empty, nested (fsdp x tp) and HSDP shards: values exact, gradients as plan.gather's;
+    fp32 and cast to bf16 before the gather."""
     spawn(_gather_worker, 4, str(tmp / "e"))
     for r in range(4):
         with open(tmp / f"e.{r}", "rb") as f:
             assert pickle.load(f) == [], r
+
+
+def _bf16_worker(rank, world, out):
+    """The default training precision on a mesh: training's gather (cast, then all-gather)
+    against a cast after plan.gather's fp32 gather, eager and compiled blocks."""
+    cfg, bf16 = DIT_PRESETS["tiny-i2v"], Precision(compute="bf16")
+    results = {}
+    for layout in (dict(dp_shard=2), dict(dp_shard=1, tp=2, sequence_parallel=True)):
+        meshes = build(ParallelConfig(**layout))
+        split, sp = plan.tp_split(dit_spec(cfg)), meshes.cfg.sequence_parallel
+        ours = gather.BlockGather(split, sp, policy=bf16)
+        ref = _grads(cfg, meshes, None, prepare=lambda p: cast(plan.gather_tree(p, split=split, sp=sp), bf16))
+        eager = _grads(cfg, meshes, None, prepare=ours)
+        torch._dynamo.reset()
+        blocks = make_blocks(prepare=ours, recompute=RECOMPUTE, compile=Compile(backend="aot_eager"),
+                             dtensor_params=True)
+        results[str(layout)] = ref, eager, _grads(cfg, meshes, blocks, prepare=ours)
+    if rank == 0:
+        with open(out, "wb") as f:
+            pickle.dump(results, f)
+
+
+def test_bf16_sharded_step_gathers_in_bf16_with_the_same_results(tmp):
+    spawn(_bf16_worker, 2, str(tmp / "r.pkl"))
+    with open(tmp / "r.pkl", "rb") as f:
+        results = pickle.load(f)
+    for key, ((l_r, g_r), (l_e, g_e), (l_c, g_c)) in results.items():
+        assert l_e == l_r, key  # cast and gather commute: the same bf16 weights, the same ops
+        assert all(g_e[k].dtype == torch.float32 and torch.allclose(g_e[k], g_r[k], rtol=1e-6, atol=0)
+                   for k in g_r), key  # fp32 reductions, summed in another order
+        assert abs(l_c - l_e) <= 1e-2 * abs(l_e), key  # compiled bf16: other roundings, not other math
+        assert max(float((g_c[k] - g_e[k]).norm() / g_e[k].norm().clamp_min(1e-12)) for k in g_e) <= 5e-2, key
 
 
 def test_compiled_dtensor_blocks_need_a_sharded_prepare():
