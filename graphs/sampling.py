@@ -6,13 +6,12 @@ block graphs as training (one per block kind, independent of depth). Every step 
 same shapes, t reaches the blocks only as the tensor `vec`, so N steps compile the same
 frames as one step (tests count them).
 
-CUDA graphs: `hvfunc.sample.Step.update` (all blocks, final layer, CFG mix, Euler update)
-is captured once per run with torch.cuda.CUDAGraph after warm-up on a side stream, and
-replayed every step after its inputs (the embedded tokens, text, modulation vectors,
-RoPE tables, latents, dt) are copied into static buffers. The parameters are read in
-place at their fixed addresses: a graph records pointers, so nothing is copied per step.
-`Step.embed` (patch / text / vector embedding, a small share of the work) stays eager
-because hvfunc.dit.embed reads text lengths on the host, which a capture cannot do.
+CUDA graphs: the whole `hvfunc.sample.Step` (embedding, all blocks, final layer, CFG mix,
+Euler update; it reads nothing on the host: the text layout is read once per run) is
+captured once per run with torch.cuda.CUDAGraph after warm-up on a side stream, and
+replayed every step after its inputs (latents, t, dt) are copied into static buffers.
+Conditioning and parameters are read in place at their fixed addresses: a graph records
+pointers, so nothing else is copied per step.
 Why not inductor's mode="reduce-overhead": its CUDA-graph trees see our parameters as
 plain function inputs (they are dict leaves, not nn.Module parameters), so every call of
 a block with another block's weights either copies them into static buffers or records a
@@ -21,7 +20,6 @@ new graph; and it would leave the final layer, CFG and Euler update uncaptured.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,10 +29,6 @@ from torch import Tensor
 from graphs.blocks import Backend, Compile, make_blocks
 from hvfunc import dit, sample
 from hvfunc.params import Params
-
-# Embedded fields that change every step (copied into the graph's buffers); grid and
-# first are ints fixed by the run's shapes.
-_TENSORS = ("img", "txt", "vec", "vec_first", "txt_len")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,29 +74,26 @@ def cuda_capture(fn: Callable[[], Tensor], *, warmup: int = 2) -> Callable[[], T
 
 
 def static_runner(step: sample.Step, capture: Capture = cuda_capture) -> sample.StepFn:
-    """A StepFn that runs step.embed eagerly and step.update through `capture` on static buffers.
+    """A StepFn that runs the whole step through `capture` on static buffers.
 
-    The first call allocates the buffers and captures; later calls copy their inputs in and
-    replay. Inputs whose shape, dtype or presence differ from the captured ones raise."""
+    The first call allocates the buffers (x, t, dt) and captures; later calls copy their
+    inputs in and replay. Inputs whose shape, dtype or device differ from the captured ones raise."""
     state: dict = {}
 
     def run(x: Tensor, t: Tensor, dt: Tensor) -> Tensor:
         if capture is cuda_capture and x.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA tensors; the latents are on {x.device} "
                              "(CUDA graphs do not exist there: use cuda_graph=False)")
-        e = step.embed(x, t)
-        inputs = {"x": x, "dt": dt, "cos": e.rope[0], "sin": e.rope[1], **{k: getattr(e, k) for k in _TENSORS}}
-        sig = (e.grid, e.first, {k: None if v is None else (v.shape, v.dtype, v.device) for k, v in inputs.items()})
+        inputs = (x, t, dt)
+        sig = [(v.shape, v.dtype, v.device) for v in inputs]
         if not state:
-            buf = {k: None if v is None else v.clone() for k, v in inputs.items()}
-            fixed = dataclasses.replace(e, rope=(buf["cos"], buf["sin"]), **{k: buf[k] for k in _TENSORS})
-            state.update(sig=sig, buf=buf, replay=capture(lambda: step.update(fixed, buf["x"], buf["dt"])))
+            buf = [v.clone() for v in inputs]
+            state.update(sig=sig, buf=buf, replay=capture(lambda: step(*buf)))
         elif sig != state["sig"]:
             raise ValueError(f"a captured sampling step needs fixed inputs: captured {state['sig']}, got {sig}")
         else:
-            for k, v in inputs.items():
-                if v is not None:
-                    state["buf"][k].copy_(v)
+            for b, v in zip(state["buf"], inputs):
+                b.copy_(v)
         return state["replay"]().clone()  # the next replay overwrites the graph's output
 
     return run

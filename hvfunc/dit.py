@@ -194,6 +194,22 @@ def text_lengths(text_mask: Tensor) -> Tensor:
     return lens
 
 
+@dataclass(frozen=True)
+class TextLayout:
+    """What embed needs from the text lengths, read on the host once (text_layout): with a
+    layout given, embed runs without a host sync (a CUDA graph can capture it)."""
+
+    keep: int  # text tokens kept (trimmed to the longest valid text, or all)
+    full: bool  # every kept token of every row is valid (no key mask needed)
+
+
+def text_layout(text_mask: Tensor, *, trim_text: bool = True) -> TextLayout:
+    """Validate a right-padded mask [B, S] and read its layout (host syncs)."""
+    lens = text_lengths(text_mask)
+    keep = int(lens.max()) if trim_text else text_mask.shape[1]
+    return TextLayout(keep, bool((lens == keep).all()))
+
+
 def patchify(x: Tensor, patch: tuple[int, int, int]) -> Tensor:
     """[B, C, T, H, W] -> [B, L, C*pt*ph*pw] in t-h-w token order, features (c, pt, ph, pw) like Conv3d."""
     B, C, T, H, W = x.shape
@@ -227,23 +243,26 @@ def _check_inputs(x: Tensor, t: Tensor, text_states: Tensor, text_mask: Tensor, 
 
 def embed(params: Params, x: Tensor, t: Tensor, text_states: Tensor, text_mask: Tensor, text_states_2: Tensor,
           *, cfg: DiTConfig, guidance: Tensor | None = None, attn: AttnFn = sdpa,
-          trim_text: bool = True, tokens: tuple[int, int] | None = None, text_multiple: int = 1) -> Embedded:
+          trim_text: bool = True, tokens: tuple[int, int] | None = None, text_multiple: int = 1,
+          layout: TextLayout | None = None) -> Embedded:
     """Everything before the blocks. Compute dtype = the params' dtype.
 
     `tokens` = (start, end) keeps only those video tokens (context parallelism): their
     patches, RoPE rows and frame-0 count. Text and vectors are always whole.
     `text_multiple` pads the text with masked tokens to a multiple (sequence parallelism).
+    `layout`: text_layout(text_mask, trim_text=...) read beforehand (sampling reads it once
+    per run); None reads it here.
     """
     _check_inputs(x, t, text_states, text_mask, text_states_2, cfg)
     dtype = params["img_in.proj.weight"].dtype
-    lens = text_lengths(text_mask)
-    if trim_text:  # padding never reaches a valid output: drop the padding common to all rows
-        S = int(lens.max())
-        text_states, text_mask = text_states[:, :S], text_mask[:, :S]
+    layout = layout or text_layout(text_mask, trim_text=trim_text)
+    # padding never reaches a valid output: drop the padding common to all rows
+    text_states, text_mask = text_states[:, :layout.keep], text_mask[:, :layout.keep]
+    txt_len = None if layout.full else text_mask.sum(dim=1, dtype=torch.int64)
     if text_states.shape[1] % text_multiple:
         pad = -text_states.shape[1] % text_multiple
         text_states, text_mask = F.pad(text_states, (0, 0, 0, pad)), F.pad(text_mask, (0, pad))
-    txt_len = None if bool((lens == text_mask.shape[1]).all()) else lens
+        txt_len = text_mask.sum(dim=1, dtype=torch.int64)
 
     def temb(v: Tensor, name: str) -> Tensor:
         feats = ops.timestep_embedding(v, cfg.timestep_freq_dim).to(dtype)

@@ -12,9 +12,9 @@ frame 0 is the clean image latent before every forward and after every step; onl
 1.. are stepped. Initial I2V latents with `i2v_stability`: 0.999 noise + 0.001 image
 latent (repeated over frames), else pure noise.
 
-A step is split into `embed` (eager: reads text lengths on the host) and `update`
-(blocks, final layer, CFG, Euler; fixed shapes and no host sync) so graphs/ can compile
-the blocks and capture `update` in a CUDA graph without a second model code path.
+A step (`embed`, then `update`: blocks, final layer, CFG, Euler) has fixed shapes and no
+host sync (text lengths are read once per run), so graphs/ can compile the blocks and
+capture the whole step in a CUDA graph without a second model code path.
 Shapes: B batch, C latent channels, T/H/W latent frames/height/width, S text tokens.
 """
 
@@ -126,12 +126,12 @@ StepFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x fp32 [B, C, T, H, W], 
 
 @dataclass(frozen=True)
 class Step:
-    """One Euler step of a fixed sampling run, split where graphs/ needs it.
+    """One Euler step of a fixed sampling run. Shapes are fixed for the run and nothing in it
+    syncs with the host (the text layout is read once, in make_step), so graphs/ can capture
+    the whole step in a CUDA graph.
 
-    embed(x, t) -> dit.Embedded: I2V frame replace, CFG batch, patch/text/vector embedding
-        (eager: text trimming reads lengths on the host).
-    update(e, x, dt) -> next x: blocks, final layer, CFG mix, Euler; shapes fixed for the
-        run and no host sync, so it can be compiled and captured in a CUDA graph.
+    embed(x, t) -> dit.Embedded: I2V frame replace, CFG batch, patch/text/vector embedding.
+    update(e, x, dt) -> next x: blocks, final layer, CFG mix, Euler.
     """
 
     embed: Callable[[Tensor, Tensor], dit.Embedded]
@@ -187,6 +187,7 @@ def make_step(params: Params, cond: Cond, uncond: Cond | None = None, *, cfg: Di
               blocks: dit.Blocks = dit.Blocks()) -> Step:
     """The step of one run: conditioning, guidance and image latents are fixed here."""
     text = _cfg_batch(cond, uncond if sampling.real_cfg else None)
+    layout = dit.text_layout(text["text_mask"])  # validated and read on the host once per run
     n = text["text_states"].shape[0]  # B, or 2B with real CFG
     dtype, device = params["img_in.proj.weight"].dtype, text["text_states"].device
     # upstream casts the scale to the DiT dtype before * 1000 (bf16: 6.0 -> 6016.0)
@@ -197,7 +198,8 @@ def make_step(params: Params, cond: Cond, uncond: Cond | None = None, *, cfg: Di
         if image_latents is not None:
             x = replace_first_frame(x, image_latents)
         x = x.repeat(n // x.shape[0], 1, 1, 1, 1)
-        return dit.embed(params, x, t.float().expand(n), **text, cfg=cfg, guidance=guidance, attn=attn)
+        return dit.embed(params, x, t.float().expand(n), **text, cfg=cfg, guidance=guidance, attn=attn,
+                         layout=layout)
 
     def update(e: dit.Embedded, x: Tensor, dt: Tensor) -> Tensor:
         img = dit.run_blocks(params, e, cfg=cfg, attn=attn, blocks=blocks)

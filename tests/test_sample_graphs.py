@@ -8,7 +8,7 @@ from test_sample import B, H, T, W, _conds
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from graphs import sampling
-from hvfunc import sample
+from hvfunc import dit, sample
 from hvfunc.config import DIT_PRESETS
 
 TOL = 1e-5
@@ -61,3 +61,26 @@ def test_static_runner_rejects_changed_shapes_and_cuda_graph_needs_cuda():
         run(torch.randn(B, 16, T, H + 2, W), t, dt)
     with pytest.raises(ValueError, match="cuda_graph=True needs CUDA"):
         sampling.denoise(params, x, cond, cfg=cfg, graphs=sampling.SampleGraphs(cuda_graph=True))
+
+
+def test_the_whole_step_reads_nothing_on_the_host():
+    """What a CUDA graph needs of the whole step: it traces as one graph with fullgraph=True
+    (a host read of a tensor - int(), bool(), .item() - is a graph break, which fullgraph
+    makes an error) and gives eager results; embed reading the text lengths itself cannot."""
+    params = random_params(CFG, seed=0, scale=0.1)
+    cond, uncond = _conds(CFG)  # unequal text lengths: the key-mask path
+    z = torch.randn(B, 16, 1, H, W)
+    step = sample.make_step(params, cond, uncond, cfg=CFG, sampling=sample.Sampling(cfg_scale=3.0), image_latents=z)
+    x, t, dt = torch.randn(B, 16, T, H, W), torch.tensor(900.0), torch.tensor(-0.1)
+    torch._dynamo.reset()
+    got = torch.compile(lambda x, t, dt: step(x, t, dt), backend="eager", fullgraph=True)(x, t, dt)
+    assert rel_err(got, step(x, t, dt)) <= TOL
+
+    def embed(layout):
+        return lambda x, t: dit.embed(params, x, t, **cond, cfg=CFG, guidance=t * 6, layout=layout).txt
+
+    lay = dit.text_layout(cond["text_mask"])
+    assert lay == dit.TextLayout(keep=9, full=False)
+    torch.compile(embed(lay), backend="eager", fullgraph=True)(x, t.expand(B))
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException):  # a data-dependent size or a graph break
+        torch.compile(embed(None), backend="eager", fullgraph=True)(x, t.expand(B))
