@@ -55,7 +55,8 @@ class TrainConfig:
     """Samples per data-parallel rank per step."""
     seed: int = 0
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
-    """Compute dtype; weights, optimizer state and gradient reduction stay fp32."""
+    """Compute dtype, also of the per-block weight all-gather; master weights, optimizer state and
+    gradient reduction stay fp32."""
     fp32_leaves: str = ""
     """Regex of leaves computed in fp32 anyway (graphs.precision), e.g. "(_mod|modulation)\\.linear"."""
     guidance: float | None = 1.0
