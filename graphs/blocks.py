@@ -70,10 +70,10 @@ def _sharded(block: Callable, prepare: ShardedPrepare, mode: str, c: Compile, ba
     Without recompute only the gather is checkpointed (SimpleFSDP's idea): the compiler
     then gathers again for the backward rather than keep every block's gathered weights."""
 
-    def gather(local: Params, layout: Any) -> Params:
-        if mode == "none":  # reshard after forward: the compiler recomputes the gather for the backward
+    gather = prepare.gather
+    if mode == "none":  # reshard after forward: the compiler recomputes the gather for the backward
+        def gather(local: Params, layout: Any) -> Params:
             return checkpoint(prepare.gather, local, layout, use_reentrant=False)
-        return prepare.gather(local, layout)
 
     def body(local: Params, layout: Any, *args, **kw):
         return block(gather(local, layout), *args, **kw)
