@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from graphs import backends
 from graphs.recompute import Recompute, offload_saved, with_recompute
@@ -66,17 +65,10 @@ def compiled(fn: Callable, c: Compile, backend_fn: Callable | None = None) -> Ca
 
 
 def _sharded(block: Callable, prepare: ShardedPrepare, mode: str, c: Compile, backend_fn: Callable | None):
-    """A compiled block over DTensor leaves: shards are taken eagerly, gathered in the graph.
-    Without recompute only the gather is checkpointed (SimpleFSDP's idea): the compiler
-    then gathers again for the backward rather than keep every block's gathered weights."""
-
-    gather = prepare.gather
-    if mode == "none":  # reshard after forward: the compiler recomputes the gather for the backward
-        def gather(local: Params, layout: Any) -> Params:
-            return checkpoint(prepare.gather, local, layout, use_reentrant=False)
+    """A compiled block over DTensor leaves: shards are taken eagerly, gathered in the graph."""
 
     def body(local: Params, layout: Any, *args, **kw):
-        return block(gather(local, layout), *args, **kw)
+        return block(prepare.gather(local, layout), *args, **kw)
 
     inner = compiled(with_recompute(body, mode), c, backend_fn)
 

@@ -233,46 +233,6 @@ def test_inductor_sharded_step_equals_eager(tmp):
     assert max(float((g_c[k] - g_e[k]).norm() / g_e[k].norm().clamp_min(1e-12)) for k in g_e) <= 1e-5
 
 
-def _reshard_worker(rank, world, out):
-    cfg = DIT_PRESETS["tiny"]
-    meshes = build(ParallelConfig(dp_shard=2))
-    weights = [v for k, v in random_params(cfg, seed=3, scale=0.1).items()  # the values _grads shards
-               if k.startswith(("double_blocks.", "single_blocks."))]
-    prepare = gather.BlockGather(plan.tp_split(dit_spec(cfg)), meshes.cfg.sequence_parallel)
-    results = {}
-    for label, backend in (("eager", "none"), ("compiled", "aot_eager")):
-        torch._dynamo.reset()
-        kept = {}
-
-        def pack(x):  # a saved tensor that is a gathered block weight (or its transpose)
-            d = x.detach()
-            cands = (d, d.mT) if d.dim() >= 2 else (d,)
-            if any(c.shape == w.shape and torch.equal(c, w) for c in cands for w in weights):
-                kept[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-            return x
-
-        blocks = make_blocks(prepare=prepare, compile=Compile(backend=backend), dtensor_params=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            results[label] = _grads(cfg, meshes, blocks), sum(kept.values())
-    if rank == 0:
-        with open(out, "wb") as f:
-            pickle.dump((results, sum(w.numel() * w.element_size() for w in weights)), f)
-
-
-def test_compiled_blocks_without_recompute_regather_weights_for_the_backward(tmp):
-    """Reshard after forward (no recompute, dp_shard 2): eager blocks keep every gathered
-    weight for the backward; compiled blocks keep none of them (the gather is checkpointed,
-    so the compiler gathers again in the backward) and give the same gradients."""
-    spawn(_reshard_worker, 2, str(tmp / "r.pkl"))
-    with open(tmp / "r.pkl", "rb") as f:
-        results, weight_bytes = pickle.load(f)
-    ((l_e, g_e), kept_e), ((l_c, g_c), kept_c) = results["eager"], results["compiled"]
-    assert kept_e >= 0.9 * weight_bytes, (kept_e, weight_bytes)  # the probe finds them where they are kept
-    assert kept_c == 0
-    assert abs(l_c - l_e) <= 1e-5 * abs(l_e)
-    assert max(float((g_c[k] - g_e[k]).norm() / g_e[k].norm().clamp_min(1e-12)) for k in g_e) <= 1e-5
-
-
 def _bf16_worker(rank, world, out):
     """The default training precision on a mesh: training's gather (cast, then all-gather)
     against a cast after plan.gather's fp32 gather, eager and compiled blocks."""
