@@ -67,6 +67,11 @@ class DiTBench:
     json: Path | None = None
     """Also write the rows (and the machine) as JSON here."""
 
+    @property
+    def tokens(self) -> int:
+        """Video tokens of the batch (patch 1 x 2 x 2)."""
+        return self.batch * self.frames * (self.height // 2) * (self.width // 2)
+
     def model(self) -> DiTConfig:
         K = self.hidden // self.heads
         t = 2 * (K // 16)
@@ -122,7 +127,7 @@ def bench_dit(b: DiTBench) -> list[dict]:
         blocks = make_blocks(compile=Compile(backend=b.compile))
         impls["hvfunc+compile"] = lambda: dit.forward(params, **inp, cfg=cfg, blocks=blocks)
     impls["diffusers"] = lambda: ref(**ref_inp)[0]
-    tokens = b.batch * b.frames * (b.height // 2) * (b.width // 2)
+    tokens = b.tokens
     peak = bench.matmul_peak(device, dtype)
     with torch.no_grad():
         rows = timed_rows("forward", impls, device, b.repeats, tokens, peak)

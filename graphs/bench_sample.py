@@ -85,7 +85,7 @@ def run(b: SampleBench) -> list[dict]:
     impls["diffusers"] = _reference_step(b, ref, inp, x, z, dtype)
     want = impls["diffusers"]().float()
     errs = {k: float((fn().float() - want).abs().max() / want.abs().max()) for k, fn in impls.items()}
-    tokens = b.batch * b.frames * (b.height // 2) * (b.width // 2)
+    tokens = b.tokens
     peak = bench.matmul_peak(device, dtype)
     rows = timed_rows("sample step", impls, device, b.repeats, tokens, peak)
     for r in rows:

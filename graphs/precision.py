@@ -2,10 +2,10 @@
 
 Storage (master weights, optimizer state, gradient reduction) stays fp32; sharded leaves
 are cast before they are gathered (parallel.gather: half the traffic in bf16), with a
-backward that returns their gradients to fp32 before the reduce-scatter. The model itself keeps fp32 where upstream does (RMSNorm and RoPE math,
-the timestep sinusoid, the masked text mean): see hvfunc.ops. Leaves matching
-`fp32_leaves` stay fp32 for compute too (e.g. the modulation, the most
-precision-sensitive per-sample path, if a run wants it).
+backward that returns their gradients to fp32 before the reduce-scatter. The model itself
+keeps fp32 where upstream does (RMSNorm and RoPE math, the timestep sinusoid, the masked
+text mean): see hvfunc.ops. Leaves matching `fp32_leaves` stay fp32 for compute too (e.g.
+the modulation, the most precision-sensitive per-sample path, if a run wants it).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ block graphs as training (one per block kind, independent of depth). Every step 
 same shapes, t reaches the blocks only as the tensor `vec`, so N steps compile the same
 frames as one step (tests count them).
 
-CUDA graphs: the whole `hvfunc.sample.Step` (embedding, all blocks, final layer, CFG mix,
+CUDA graphs: the whole step of `hvfunc.sample.make_step` (embedding, all blocks, final layer, CFG mix,
 Euler update; it reads nothing on the host: the text layout is read once per run) is
 captured once per run with torch.cuda.CUDAGraph after warm-up on a side stream, and
 replayed every step after its inputs (latents, t, dt) are copied into static buffers.
@@ -73,7 +73,7 @@ def cuda_capture(fn: Callable[[], Tensor], *, warmup: int = 2) -> Callable[[], T
     return replay
 
 
-def static_runner(step: sample.Step, capture: Capture = cuda_capture) -> sample.StepFn:
+def static_runner(step: sample.StepFn, capture: Capture = cuda_capture) -> sample.StepFn:
     """A StepFn that runs the whole step through `capture` on static buffers.
 
     The first call allocates the buffers (x, t, dt) and captures; later calls copy their

@@ -258,11 +258,9 @@ def embed(params: Params, x: Tensor, t: Tensor, text_states: Tensor, text_mask: 
     layout = layout or text_layout(text_mask, trim_text=trim_text)
     # padding never reaches a valid output: drop the padding common to all rows
     text_states, text_mask = text_states[:, :layout.keep], text_mask[:, :layout.keep]
-    txt_len = None if layout.full else text_mask.sum(dim=1, dtype=torch.int64)
-    if text_states.shape[1] % text_multiple:
-        pad = -text_states.shape[1] % text_multiple
+    if pad := -layout.keep % text_multiple:
         text_states, text_mask = F.pad(text_states, (0, 0, 0, pad)), F.pad(text_mask, (0, pad))
-        txt_len = text_mask.sum(dim=1, dtype=torch.int64)
+    txt_len = None if layout.full and not pad else text_mask.sum(dim=1, dtype=torch.int64)
 
     def temb(v: Tensor, name: str) -> Tensor:
         feats = ops.timestep_embedding(v, cfg.timestep_freq_dim).to(dtype)

@@ -12,9 +12,9 @@ frame 0 is the clean image latent before every forward and after every step; onl
 1.. are stepped. Initial I2V latents with `i2v_stability`: 0.999 noise + 0.001 image
 latent (repeated over frames), else pure noise.
 
-A step (`embed`, then `update`: blocks, final layer, CFG, Euler) has fixed shapes and no
-host sync (text lengths are read once per run), so graphs/ can compile the blocks and
-capture the whole step in a CUDA graph without a second model code path.
+A step (embedding, blocks, final layer, CFG, Euler) has fixed shapes and no host sync
+(text lengths are read once per run), so graphs/ can compile the blocks and capture the
+whole step in a CUDA graph without a second model code path.
 Shapes: B batch, C latent channels, T/H/W latent frames/height/width, S text tokens.
 """
 
@@ -124,23 +124,6 @@ def cfg_combine(uncond: Tensor, cond: Tensor, scale: float, rescale: float = 0.0
 StepFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x fp32 [B, C, T, H, W], t [] = sigma * 1000, dt []) -> x
 
 
-@dataclass(frozen=True)
-class Step:
-    """One Euler step of a fixed sampling run. Shapes are fixed for the run and nothing in it
-    syncs with the host (the text layout is read once, in make_step), so graphs/ can capture
-    the whole step in a CUDA graph.
-
-    embed(x, t) -> dit.Embedded: I2V frame replace, CFG batch, patch/text/vector embedding.
-    update(e, x, dt) -> next x: blocks, final layer, CFG mix, Euler.
-    """
-
-    embed: Callable[[Tensor, Tensor], dit.Embedded]
-    update: Callable[[dit.Embedded, Tensor, Tensor], Tensor]
-
-    def __call__(self, x: Tensor, t: Tensor, dt: Tensor) -> Tensor:
-        return self.update(self.embed(x, t), x, dt)
-
-
 def _check(noise: Tensor, cond: Cond, uncond: Cond | None, image_latents: Tensor | None, *,
            cfg: DiTConfig, sampling: Sampling) -> None:
     if sampling.real_cfg and uncond is None:
@@ -184,8 +167,11 @@ def _cfg_batch(cond: Cond, uncond: Cond | None) -> Cond:
 
 def make_step(params: Params, cond: Cond, uncond: Cond | None = None, *, cfg: DiTConfig,
               sampling: Sampling = Sampling(), image_latents: Tensor | None = None, attn: AttnFn = sdpa,
-              blocks: dit.Blocks = dit.Blocks()) -> Step:
-    """The step of one run: conditioning, guidance and image latents are fixed here."""
+              blocks: dit.Blocks = dit.Blocks()) -> StepFn:
+    """One Euler step of a run (I2V frame replace, CFG batch, embedding, blocks, final layer,
+    CFG mix, Euler): conditioning, guidance and image latents are fixed here. Shapes are
+    fixed for the run and nothing in the step reads the host (the text layout is read
+    once, here), so graphs/ can capture the whole step in a CUDA graph."""
     text = _cfg_batch(cond, uncond if sampling.real_cfg else None)
     layout = dit.text_layout(text["text_mask"])  # validated and read on the host once per run
     n = text["text_states"].shape[0]  # B, or 2B with real CFG
@@ -194,26 +180,22 @@ def make_step(params: Params, cond: Cond, uncond: Cond | None = None, *, cfg: Di
     guidance = None if sampling.guidance is None else torch.full((n,), sampling.guidance, dtype=dtype,
                                                                  device=device) * 1000.0
 
-    def embed(x: Tensor, t: Tensor) -> dit.Embedded:
-        if image_latents is not None:
-            x = replace_first_frame(x, image_latents)
-        x = x.repeat(n // x.shape[0], 1, 1, 1, 1)
-        return dit.embed(params, x, t.float().expand(n), **text, cfg=cfg, guidance=guidance, attn=attn,
-                         layout=layout)
-
-    def update(e: dit.Embedded, x: Tensor, dt: Tensor) -> Tensor:
+    def step(x: Tensor, t: Tensor, dt: Tensor) -> Tensor:
+        xin = x if image_latents is None else replace_first_frame(x, image_latents)
+        e = dit.embed(params, xin.repeat(n // x.shape[0], 1, 1, 1, 1), t.float().expand(n), **text, cfg=cfg,
+                      guidance=guidance, attn=attn, layout=layout)
         img = dit.run_blocks(params, e, cfg=cfg, attn=attn, blocks=blocks)
         v = dit.unpatchify(dit.final_layer(params, img, e.vec), e.grid, cfg.patch_size).float()
         if sampling.real_cfg:
             v = cfg_combine(*v.chunk(2), sampling.cfg_scale, sampling.guidance_rescale)
         return euler(x, v, dt, image_latents)
 
-    return Step(embed, update)
+    return step
 
 
 def denoise(params: Params, noise: Tensor, cond: Cond, uncond: Cond | None = None, *, cfg: DiTConfig,
             sampling: Sampling = Sampling(), image_latents: Tensor | None = None, attn: AttnFn = sdpa,
-            blocks: dit.Blocks = dit.Blocks(), runner: Callable[[Step], StepFn] | None = None,
+            blocks: dit.Blocks = dit.Blocks(), runner: Callable[[StepFn], StepFn] | None = None,
             callback: Callable[[int, Tensor], None] | None = None) -> Tensor:
     """Sample latents [B, C, T, H, W] fp32 (I2V: frame 0 = image_latents) from `noise` of that shape.
 

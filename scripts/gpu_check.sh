@@ -11,20 +11,19 @@
 set -uo pipefail
 PY=python3
 OUT=${OUT:-out}; mkdir -p "$OUT"
-if [ "${DRY:-0}" = 1 ]; then
-  export PYTHONPATH=$PWD; PY=.venv/bin/python  # this checkout's venv (make test creates it)
-elif ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
 if [ "${DRY:-0}" = 1 ]; then
+  export PYTHONPATH=$PWD; PY=.venv/bin/python  # this checkout's venv (make test creates it)
   FULL="--hidden 64 --heads 2 --double 1 --single 1 --text-len 8 --text-dim 32 --dtype fp32 --device cpu"
   DIT_SHAPE="--frames 2 --height 8 --width 8"; TRAIN_SHAPE=$DIT_SHAPE; VAE="--preset tiny --device cpu --dtype fp32"
   COMPILE=aot_eager
 else
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+  else
+    export PYTHONPATH=$PWD
+  fi
   FULL="--hidden 3072 --heads 24 --double 2 --single 4 --text-len 256 --text-dim 4096 --dtype bf16 --device cuda"
   DIT_SHAPE="--frames 9 --height 68 --width 120"  # 544x960, 33 frames: 18,360 video tokens
   TRAIN_SHAPE="--frames 9 --height 90 --width 160"  # 720p, 33 frames: 32,400 video tokens
