@@ -84,6 +84,13 @@ class _Host:
     device: torch.device  # where it came from
 
 
+def _copy(t: Tensor, device: torch.device | str, *, pin: bool = False) -> Tensor:
+    """t copied to device with t's exact strides (a compiled backward asserts the strides of
+    what its forward saved: an attention output [B, N, L, K] is a transposed [B, L, N, K])."""
+    out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device, pin_memory=pin)
+    return out.copy_(t, non_blocking=out.device.type != t.device.type)
+
+
 class _Store:
     """The attention outputs of one checkpointed call, in host memory between its forward
     and its recompute. Copies run on a side stream of the tensors' accelerator."""
@@ -101,12 +108,14 @@ class _Store:
 
     def down(self, t):
         """A tensor -> its pinned host copy (started on the side stream); CPU: a plain copy."""
-        if not isinstance(t, Tensor) or t.device.type == "cpu":
-            return t.clone() if isinstance(t, Tensor) else t
+        if not isinstance(t, Tensor):
+            return t
+        if t.device.type == "cpu":
+            return _copy(t, t.device)
         mod, side = self._side(t.device)
         side.wait_stream(mod.current_stream(t.device))  # t is complete on the compute stream
         with mod.stream(side):
-            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            h = _copy(t, "cpu", pin=True)
         t.record_stream(side)  # its memory is not reused before the copy has read it
         return _Host(h, t.device)
 
@@ -119,7 +128,7 @@ class _Store:
                 return e
             mod, side = self._side(e.device)
             with mod.stream(side):
-                return e.tensor.to(e.device, non_blocking=True)
+                return _copy(e.tensor, e.device)
 
         self.back = [tree_map(up, e, is_leaf=lambda x: isinstance(x, _Host)) for e in self.host]
         self.host = []
@@ -186,7 +195,7 @@ def offload_saved(fn: Callable) -> Callable:
             return t if t.untyped_storage().data_ptr() in inputs else store.down(t)
 
         def unpack(e) -> Tensor:
-            return e.tensor.to(e.device, non_blocking=True) if isinstance(e, _Host) else e
+            return _copy(e.tensor, e.device) if isinstance(e, _Host) else e
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             return fn(*args, **kw)

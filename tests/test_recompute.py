@@ -86,7 +86,8 @@ def test_offload_needs_selective():
 
 def test_compiled_offload_moves_only_what_the_graph_saves_besides_its_inputs():
     """Compiled selective blocks keep the attention output [B, N, L, K] and its log-sum-exp
-    [B, N, L]; offload_saved copies exactly those (CPU: a plain copy), results unchanged."""
+    [B, N, L]; offload_saved copies exactly those (CPU: a plain copy) with their strides,
+    results unchanged."""
     from graphs import recompute
 
     cfg = DIT_PRESETS["tiny"]
@@ -97,7 +98,9 @@ def test_compiled_offload_moves_only_what_the_graph_saves_besides_its_inputs():
 
     def spy(self, t):
         copied.append(tuple(t.shape))
-        return down(self, t)
+        out = down(self, t)
+        assert out.stride() == t.stride() and out.data_ptr() != t.data_ptr()  # Inductor's backward asserts strides
+        return out
 
     def run(rc, backend):
         torch._dynamo.reset()
