@@ -47,8 +47,44 @@ def default_compile_backend(device: torch.device | str) -> str:
     return {"cpu": "inductor", "cuda": "inductor", "npu": "torchair"}.get(kind, "eager")
 
 
-def torchair_backend():
-    """Ascend graph mode for torch.compile (ships with torch_npu)."""
+def torchair_backend(options: tuple[str, ...] = ()):
+    """Ascend graph mode for torch.compile (ships with torch_npu), its CompilerConfig set by
+    `options` (apply_options). UNVERIFIED here: no Ascend hardware."""
+    if importlib.util.find_spec("torchair") is None:
+        raise ValueError("compile backend 'torchair' needs the package 'torchair' (it ships with torch_npu), "
+                         "which is not installed")
     import torchair
 
-    return torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
+    config = torchair.CompilerConfig()
+    apply_options(config, options)
+    return torchair.get_npu_backend(compiler_config=config)
+
+
+def _value(raw: str) -> bool | int | float | str:
+    if raw in ("True", "False"):
+        return raw == "True"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def apply_options(config: object, options: tuple[str, ...]) -> None:
+    """Set KEY=VALUE options on a config object tree, KEY a dotted attribute path
+    (torchair: "mode=reduce-overhead", "experimental_config.frozen_parameter=True").
+    VALUE: True / False, an int, a float, else the string. Unknown keys raise."""
+    for opt in options:
+        key, sep, raw = opt.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"compile option {opt!r}: expected KEY=VALUE, e.g. mode=reduce-overhead")
+        *path, name = key.strip().split(".")
+        obj = config
+        for i, attr in enumerate([*path, name]):
+            if not hasattr(obj, attr):
+                where = ".".join([*path, name][:i]) or type(config).__name__
+                raise ValueError(f"compile option {opt!r}: {where} has no setting {attr!r}")
+            if i < len(path):
+                obj = getattr(obj, attr)
+        setattr(obj, name, _value(raw.strip()))

@@ -42,6 +42,16 @@ class Compile:
     """None: dynamo makes a dim dynamic once it changes (training buckets); False: static."""
     mode: str | None = None
     """Inductor mode, e.g. "reduce-overhead" (CUDA graphs, static shapes, sampling) or "max-autotune"."""
+    options: tuple[str, ...] = ()
+    """torchair only: its CompilerConfig as KEY=VALUE settings (dotted paths), e.g.
+    mode=reduce-overhead experimental_config.frozen_parameter=True (Ascend, unverified here)."""
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.backend not in ("inductor", "auto"):
+            raise ValueError(f"compile mode {self.mode!r} is an Inductor mode; backend is {self.backend!r} "
+                             "(torchair: use options, e.g. mode=reduce-overhead)")
+        if self.options and self.backend not in ("torchair", "auto"):
+            raise ValueError(f"compile options {list(self.options)} configure torchair; backend is {self.backend!r}")
 
 
 class ShardedPrepare(Protocol):
@@ -60,7 +70,7 @@ class ShardedPrepare(Protocol):
 def compiled(fn: Callable, c: Compile, backend_fn: Callable | None = None) -> Callable:
     if c.backend == "none" and backend_fn is None:
         return fn
-    backend = backend_fn or (backends.torchair_backend() if c.backend == "torchair" else c.backend)
+    backend = backend_fn or (backends.torchair_backend(c.options) if c.backend == "torchair" else c.backend)
     return torch.compile(fn, backend=backend, fullgraph=True, dynamic=c.dynamic, mode=c.mode)
 
 

@@ -43,9 +43,11 @@ class Recompute:
     """Activation recompute per stream."""
 
     double_full: int = 0
-    """Double-stream blocks (from the first) with full recompute."""
+    """Double-stream blocks (from the first) with full recompute (MindSpeed-MM:
+    double_stream_full_recompute_layers)."""
     single_full: int = 0
-    """Single-stream blocks (from the first) with full recompute."""
+    """Single-stream blocks (from the first) with full recompute (MindSpeed-MM:
+    single_stream_full_recompute_layers)."""
     selective: bool = False
     """Remaining blocks: keep attention outputs, recompute everything else."""
     offload: bool = False

@@ -2,6 +2,7 @@
 # Launch training on Ascend NPUs (hccl). UNVERIFIED: no Ascend hardware was available to
 # test this; the environment follows MindSpeed-MM's HunyuanVideo scripts.
 #   scripts/launch_npu.sh hunyuan-video-t2v --features /data/feats --out /ckpt/run --compile.backend torchair
+#     [--compile.options experimental_config.frozen_parameter=True ...]  (torchair.CompilerConfig, KEY=VALUE)
 # Needs torch_npu matching your torch and CANN (`source /usr/local/Ascend/ascend-toolkit/set_env.sh`).
 set -euo pipefail
 NPROC=${NPROC:-8}

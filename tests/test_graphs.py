@@ -91,6 +91,37 @@ def test_attention_backends_by_name():
             attention_backend("npu")
 
 
+def test_torchair_compiler_config_is_set_from_options():
+    """--compile.options reach torchair's CompilerConfig (here a stand-in with its documented
+    attribute tree: mode, experimental_config.*, debug.graph_dump.*); mistakes fail up front."""
+    import importlib.util
+    from types import SimpleNamespace as NS
+
+    from graphs.backends import apply_options, torchair_backend
+    from graphs.blocks import Compile
+
+    config = NS(mode="max-autotune", experimental_config=NS(frozen_parameter=False, tiling_schedule_optimize=False),
+                debug=NS(graph_dump=NS(type=None)), ge_config=NS(export_compile_stat=1))
+    apply_options(config, ("mode=reduce-overhead", "experimental_config.frozen_parameter=True",
+                           "debug.graph_dump.type=pbtxt", "ge_config.export_compile_stat=2"))
+    assert config.mode == "reduce-overhead" and config.experimental_config.frozen_parameter is True
+    assert config.debug.graph_dump.type == "pbtxt" and config.ge_config.export_compile_stat == 2
+    with pytest.raises(ValueError, match="experimental_config has no setting 'frozen_params'"):
+        apply_options(config, ("experimental_config.frozen_params=True",))
+    with pytest.raises(ValueError, match="has no setting 'nope'"):
+        apply_options(config, ("nope.x=1",))
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        apply_options(config, ("mode",))
+    with pytest.raises(ValueError, match="Inductor mode"):
+        Compile(backend="aot_eager", mode="max-autotune")
+    with pytest.raises(ValueError, match="configure torchair"):
+        Compile(backend="inductor", options=("mode=reduce-overhead",))
+    Compile(backend="torchair", options=("mode=reduce-overhead",))
+    if importlib.util.find_spec("torchair") is None:
+        with pytest.raises(ValueError, match="needs the package 'torchair'"):
+            torchair_backend(("mode=reduce-overhead",))
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-i2v"])
 def test_training_buckets_stop_recompiling_after_the_second_shape(name):
     """Compile(dynamic=None), the training default: the second bucket shape makes the
