@@ -9,6 +9,7 @@ to initialise it. `init` materialises a tree, `abstract` builds it on the meta d
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,9 +67,14 @@ def linear_spec(prefix: str, d_out: int, d_in: int, axes: tuple[str | None, str 
 def init(spec: Spec, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
          device: torch.device | str = "cpu") -> Params:
     """Materialise a tree from its spec, leaf by leaf in spec order (deterministic per generator)."""
+    return {k: t.to(device=device, dtype=dtype) for k, t in init_leaves(spec, generator=generator)}
+
+
+def init_leaves(spec: Spec, *, generator: torch.Generator | None = None) -> Iterator[tuple[str, Tensor]]:
+    """(key, fp32 CPU leaf) in spec order, the values of `init`, one leaf alive at a time
+    (sharded training keeps only its shard of each: no rank ever holds the whole model)."""
     if generator is None:
         generator = torch.Generator(device="cpu").manual_seed(0)
-    out: Params = {}
     for key, s in spec.items():
         t = torch.empty(s.shape, dtype=torch.float32)  # draw in fp32 on CPU: same values on every device
         if s.init.kind == "zeros":
@@ -81,8 +87,7 @@ def init(spec: Spec, *, generator: torch.Generator | None = None, dtype: torch.d
             t.uniform_(-s.init.scale, s.init.scale, generator=generator)
         else:
             raise ValueError(f"{key}: unknown init kind {s.init.kind!r}")
-        out[key] = t.to(device=device, dtype=dtype)
-    return out
+        yield key, t
 
 
 def abstract(spec: Spec, *, dtype: torch.dtype = torch.bfloat16) -> Params:

@@ -33,7 +33,7 @@ from hvfunc.data.buckets import BucketSampler, group
 from hvfunc.data.features import NOIMG_KEYS, TEXT_KEYS, FeatureDataset, collate
 from hvfunc.dit_spec import dit_spec
 from hvfunc.flow import TimestepSampling
-from hvfunc.params import init as init_params
+from hvfunc.params import init_leaves
 from parallel import checkpoint, gather, optim, plan, runtime, step
 from parallel.mesh import ParallelConfig, build
 
@@ -168,27 +168,30 @@ def _check_buckets(keys: list[tuple[int, ...]], model, meshes) -> None:
                          f"sequence parallelism): re-extract with --cp or change the parallel layout")
 
 
-def _params(cfg: TrainConfig, meshes, device: torch.device):
-    model = dit_preset(cfg.model)
+def _params(cfg: TrainConfig, model, meshes, device: torch.device):
+    """fp32 DTensor leaves, built leaf by leaf: each rank holds one full leaf at a time, then
+    only its shard (13B in fp32 is 51 GB: no rank may hold it whole). Official / diffusers
+    files are memory-mapped where their format allows (hvfunc.io)."""
     spec = dit_spec(model)
     if cfg.init_from is not None:
-        full = ckpt.load_dit(cfg.init_from, model)  # raises on a wrong path or mismatched weights
+        leaves = ckpt.load_dit(cfg.init_from, model).items()  # raises on a wrong path or mismatched weights
         runtime.print0(f"initialised from {cfg.init_from}")
     else:
-        full = init_params(spec, generator=torch.Generator().manual_seed(cfg.seed))
-    sharded = plan.shard({k: v.float().to(device) for k, v in full.items()}, plan.plan(spec, meshes), meshes)
-    return model, {k: v.requires_grad_(True) for k, v in sharded.items()}
+        leaves = init_leaves(spec, generator=torch.Generator().manual_seed(cfg.seed))
+    placements = plan.plan(spec, meshes)
+    return {k: plan.shard({k: v.float().to(device)}, placements, meshes)[k].requires_grad_(True) for k, v in leaves}
 
 
 def train(cfg: TrainConfig) -> list[dict]:
-    task = "i2v" if dit_preset(cfg.model).i2v_condition_type else "t2v"
+    model = dit_preset(cfg.model)
+    task = "i2v" if model.i2v_condition_type else "t2v"
     uncond = _check_dropout(cfg, task)
-    ds = FeatureDataset(cfg.features, task=task, noimg=cfg.image_dropout > 0)  # before the (long) weight init
+    cfg.parallel.check_model(model)  # layout and data checks come before the (long) weight init
+    ds = FeatureDataset(cfg.features, task=task, noimg=cfg.image_dropout > 0)
     device = runtime.init(cfg.device)
     meshes = build(cfg.parallel, device_type=device.type)
-    model, params = _params(cfg, meshes, device)
-    meshes.cfg.check_model(model)
     _check_buckets(ds.keys(), model, meshes)
+    params = _params(cfg, model, meshes, device)
     sampler = BucketSampler(group(ds.keys()), batch_size=cfg.batch_size, rank=meshes.data_rank,
                             world_size=meshes.data_world, seed=cfg.seed)
     opt = optim.make_optimizer(params, cfg.optim)

@@ -33,11 +33,13 @@ def _batch(cfg, ids: list[int]) -> dict:
     return {k: torch.stack(v) for k, v in out.items()}
 
 
-def _train(cfg, params, meshes=None, ids=(0, 1, 2, 3)) -> tuple[list[float], dict]:
-    """STEPS AdamW steps on samples `ids` (this rank's share); meshes=None: one process."""
+def _train(cfg, params, meshes=None, ids=(0, 1, 2, 3)) -> tuple[list[float], list[float], dict]:
+    """STEPS AdamW steps on samples `ids` (this rank's share); meshes=None: one process.
+    Returns losses, global gradient norms before clipping (AdamW is nearly blind to a
+    constant gradient scale, so a wrong norm would not show in losses), params."""
     trainable = {k: v.requires_grad_(True) for k, v in params.items()}
     opt = optim.make_optimizer(trainable, OPT)
-    losses = []
+    losses, norms = [], []
     for s in range(STEPS):
         batch = _batch(cfg, list(ids))
         sigma, noise = step.sample_noise(list(ids), tuple(batch["latents"].shape[1:]), seed=SEED, step=s, how=HOW)
@@ -50,11 +52,11 @@ def _train(cfg, params, meshes=None, ids=(0, 1, 2, 3)) -> tuple[list[float], dic
             value = step.global_mean(loss, meshes)
         loss.backward()
         optim.set_lr(opt, OPT.lr_at(s))
-        optim.clip_(trainable, OPT.grad_clip)
+        norms.append(optim.clip_(trainable, OPT.grad_clip))
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()) if value is None else value)
-    return losses, params
+    return losses, norms, params
 
 
 LAYOUTS = {
@@ -77,11 +79,11 @@ def _worker(rank, world, names, out_dir):
             params = plan.shard(full, plan.plan({k: _spec(cfg)[k] for k in full}, meshes), meshes)
             per_rank = 4 // meshes.data_world
             ids = list(range(meshes.data_rank * per_rank, (meshes.data_rank + 1) * per_rank))
-            losses, params = _train(cfg, params, meshes, ids)
+            losses, norms, params = _train(cfg, params, meshes, ids)
             final = plan.full(params)
             if rank == 0:
                 with open(f"{out_dir}/{name}-{world}-{sorted(layout.items())}.pkl", "wb") as f:
-                    pickle.dump((losses, {k: v.detach() for k, v in final.items()}), f)
+                    pickle.dump((losses, norms, {k: v.detach() for k, v in final.items()}), f)
 
 
 def _spec(cfg):
@@ -96,11 +98,13 @@ def test_layouts_equal_one_process(world, tmp):
     spawn(_worker, world, names, str(tmp))
     for name in names:
         cfg = DIT_PRESETS[name]
-        ref_losses, ref = _train(cfg, random_params(cfg, seed=3, scale=0.1))
+        ref_losses, ref_norms, ref = _train(cfg, random_params(cfg, seed=3, scale=0.1))
+        assert min(ref_norms) > OPT.grad_clip  # clipping acts on every step
         for layout in LAYOUTS[world]:
             with open(tmp / f"{name}-{world}-{sorted(layout.items())}.pkl", "rb") as f:
-                losses, final = pickle.load(f)
+                losses, norms, final = pickle.load(f)
             assert losses == pytest.approx(ref_losses, rel=1e-5), (name, layout)
+            assert norms == pytest.approx(ref_norms, rel=1e-5), (name, layout)
             errs = {k: float((v - ref[k].detach()).norm() / ref[k].detach().norm()) for k, v in final.items()}
             worst = max(errs, key=errs.get)
             print(name, layout, "worst leaf", worst, f"{errs[worst]:.2e}")

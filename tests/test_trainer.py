@@ -82,15 +82,37 @@ def _final_params(run: Path) -> dict:
     return checkpoint.load_params_single_process(checkpoint.latest(run / "checkpoints"), shapes)
 
 
+def _killed_while_saving(rank, world, cfg, at_step):
+    """train(cfg), killed (os._exit, no clean-up) once DCP has written checkpoint at_step's files."""
+    import os
+
+    real = checkpoint.dcp.save
+
+    def save(state, *, checkpoint_id):
+        real(state, checkpoint_id=checkpoint_id)
+        if checkpoint_id.endswith(f".step-{at_step:08d}.partial"):
+            os._exit(137)
+
+    checkpoint.dcp.save = save
+    train(cfg)
+
+
 def test_resume_continues_the_same_trajectory(tmp):
+    """4 uninterrupted steps == 4 steps killed while saving step 4 (after a complete save at
+    step 2), then resumed: the partial checkpoint is ignored, steps 3-4 redone bit-identically."""
     feats = make_features(tmp / "feats")
-    (a,), (b1, b2) = _spawn_train(1, [_cfg(feats, tmp / "a")], tmp), _spawn_train(
-        1, [_cfg(feats, tmp / "b", steps=2), _cfg(feats, tmp / "b", steps=4)], tmp)
-    assert len(a) == 4 and b1 + b2 == a  # bit-identical losses after a resume
+    (a,) = _spawn_train(1, [_cfg(feats, tmp / "a")], tmp)
+    with pytest.raises(Exception, match="exit code 137"):
+        spawn(_killed_while_saving, 1, _cfg(feats, tmp / "b"), 4)
+    ck = tmp / "b" / "checkpoints"
+    assert (ck / ".step-00000004.partial").is_dir() and checkpoint.latest(ck) == ck / "step-00000002"
+    (b2,) = _spawn_train(1, [_cfg(feats, tmp / "b")], tmp)
+    assert len(a) == 4 and b2 == a[2:]  # bit-identical losses after a resume
     pa, pb = _final_params(tmp / "a"), _final_params(tmp / "b")
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     recs = [json.loads(x) for x in (tmp / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert [json.loads(x)["loss"] for x in (tmp / "b" / "metrics.jsonl").read_text().splitlines()] == a
     assert {"loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "mfu", "peak_mem_gb"} <= set(recs[0])
     assert sorted(p.name for p in (tmp / "a" / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000004"]
 
@@ -127,7 +149,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp):
     (losses,) = _spawn_train(1, [_cfg(feats, tmp / "ok", steps=4, max_bad_steps=5)], tmp)
     recs = [json.loads(x) for x in (tmp / "ok" / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["skipped_steps"] == sum(1 for v in losses if v != v) > 0
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="consecutive steps had a non-finite loss"):
         _spawn_train(1, [_cfg(feats, tmp / "stop", steps=6, max_bad_steps=0)], tmp)
     assert checkpoint.latest(tmp / "stop" / "checkpoints") is not None
 
@@ -173,6 +195,41 @@ def test_bucket_shapes_are_checked_before_training():
         _check_buckets([(16, 3, 8, 8), (16, 3, 6, 6)], model, cp2)
     with pytest.raises(ValueError, match="in_channels 16"):
         _check_buckets([(4, 3, 8, 8)], model, cp2)
+
+
+def _init_peak(rank, world, cfg, out):
+    from graphs.memory import peak_memory, tensor_bytes
+    from parallel.mesh import build
+    from parallel.trainer import _params
+
+    model = DIT_PRESETS[cfg.model]
+    meshes = build(cfg.parallel, device_type="cpu")
+    params, peak = peak_memory(lambda: _params(cfg, model, meshes, torch.device("cpu")))
+    local = tensor_bytes({k: v.to_local() for k, v in params.items()})
+    if rank == 0:
+        full = {k: math.prod(s.shape) * 4 for k, s in dit_spec(model).items()}
+        torch.save(dict(peak=peak, local=local, total=sum(full.values()), leaf=max(full.values())), out)
+
+
+def test_ranks_never_hold_the_whole_model(tmp):
+    """dp_shard 2: building the sharded fp32 params peaks at this rank's shards plus about one
+    full leaf (built leaf by leaf), not at the whole model (13B: 51 GB per rank)."""
+    spawn(_init_peak, 2, _cfg(tmp, tmp, parallel=ParallelConfig(dp_shard=2)), str(tmp / "peak.pt"))
+    r = torch.load(tmp / "peak.pt")
+    assert r["local"] <= 0.6 * r["total"] and r["leaf"] <= 0.05 * r["total"]
+    assert r["peak"] <= r["local"] + 3 * r["leaf"], r
+
+
+def test_layout_is_checked_before_anything_starts(tmp):
+    """Heads over tp x cp, SP needs tp: ValueError before the process group
+    and the weight init (this process has none, so reaching either would fail differently)."""
+    feats = make_features(tmp / "feats", n=2)
+    heads = DIT_PRESETS["tiny"].heads_num
+    for par, msg in ((ParallelConfig(tp=2, cp=heads), f"heads_num {heads} is not divisible by tp\\*cp = 2\\*{heads}"),
+                     (ParallelConfig(cp=2, sequence_parallel=True), "sequence_parallel .* needs tp > 1")):
+        with pytest.raises(ValueError, match=msg):
+            train(_cfg(feats, tmp / "out", parallel=par))
+    assert not (tmp / "out").exists()
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp):
