@@ -5,7 +5,8 @@ meta tensors and reads the local shapes rank `rank` would hold. Training memory 
 rank = params (fp32) + grads (fp32) + AdamW's two states (fp32) = 16 bytes per local
 parameter, plus the compute-dtype copy of the one block being gathered at a time.
 Run it under any process group of the right size, e.g. the "fake" backend with a
-FakeStore (scripts/plan_memory.py, tests/test_planning.py).
+FakeStore: `rows` does, for the layouts of the table in docs/memory.md
+(scripts/plan_memory.py prints it, tests/test_planning.py checks it).
 """
 
 from __future__ import annotations
@@ -17,9 +18,14 @@ from torch.distributed.tensor import Shard
 
 from hvfunc.params import Spec, abstract
 from parallel import plan
-from parallel.mesh import Meshes
+from parallel.mesh import Meshes, ParallelConfig, build
 
 TRAIN_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 master weight, fp32 grad, AdamW exp_avg + exp_avg_sq
+LAYOUTS = [(8, ParallelConfig(dp_shard=8)), (8, ParallelConfig(dp_shard=4, cp=2)),
+           (8, ParallelConfig(dp_shard=2, tp=4)), (16, ParallelConfig(dp_shard=8, cp=2)),
+           (16, ParallelConfig(dp_shard=4, cp=2, tp=2)), (64, ParallelConfig(dp_replicate=4, dp_shard=8, cp=2)),
+           (64, ParallelConfig(dp_shard=32, cp=2))]
+"""(world size, layout) of the table in docs/memory.md."""
 
 
 def expected_local(shape: tuple[int, ...], placements, mesh_shape: tuple[int, ...], coords: tuple[int, ...]) -> int:
@@ -49,3 +55,34 @@ def block_gather_bytes(spec: Spec, meshes: Meshes, dtype_bytes: int = 2) -> int:
             d = plan.tp_dim(k, s) if tp > 1 else None
             sizes[block] = sizes.get(block, 0) + math.prod(s.shape) // (tp if d is not None else 1)
     return max(sizes.values(), default=0) * dtype_bytes
+
+
+def rows(spec: Spec, layouts=LAYOUTS) -> list[dict]:
+    """Rank 0's training memory on each layout, each under a fake process group of its size
+    (no hardware; none may be initialised when called)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    total = sum(math.prod(s.shape) for s in spec.values())
+    out = []
+    for world, par in layouts:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+        try:
+            meshes = build(par)
+            local = sum(per_rank(spec, meshes).values())
+            out.append({"world": world, "layout": f"rep {par.dp_replicate} x shard {meshes.cfg.dp_shard} x cp "
+                        f"{par.cp} x tp {par.tp}", "params_per_rank": local, "ideal": total * par.dp_replicate / world,
+                        "train_gb": local * TRAIN_BYTES_PER_PARAM / 2**30,
+                        "block_bf16_gb": block_gather_bytes(spec, meshes) / 2**30})
+        finally:
+            dist.destroy_process_group()
+    return out
+
+
+def table(rows_: list[dict]) -> str:
+    """The markdown table of docs/memory.md."""
+    lines = ["| GPUs | layout | params / rank | ideal (total x replicas / world) | params+grads+Adam GB | "
+             "one gathered block (bf16) GB |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['world']} | {r['layout']} | {r['params_per_rank']:,} | {r['ideal']:,.0f} | {r['train_gb']:.1f} | "
+              f"{r['block_bf16_gb']:.2f} |" for r in rows_]
+    return "\n".join(lines)
