@@ -36,6 +36,8 @@ class SampleBench(DiTBench):
     """Which step of the schedule is timed (its t and dt)."""
     backward: bool = False
     """(Unused: sampling never runs backward.)"""
+    recompute: bool = False
+    """(Unused: sampling keeps no activations.)"""
 
 
 def _reference_step(b: SampleBench, ref, inp: dict, x: torch.Tensor, z: torch.Tensor | None, dtype: torch.dtype):

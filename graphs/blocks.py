@@ -41,7 +41,8 @@ class Compile:
     dynamic: bool | None = None
     """None: dynamo makes a dim dynamic once it changes (training buckets); False: static."""
     mode: str | None = None
-    """Inductor mode, e.g. "reduce-overhead" (CUDA graphs, static shapes, sampling) or "max-autotune"."""
+    """Inductor mode, e.g. "max-autotune" (sampling captures its CUDA graph in graphs.sampling,
+    not through "reduce-overhead": see there)."""
     options: tuple[str, ...] = ()
     """torchair only: its CompilerConfig as KEY=VALUE settings (dotted paths), e.g.
     mode=reduce-overhead experimental_config.frozen_parameter=True (Ascend, unverified here)."""

@@ -21,7 +21,8 @@ from hvfunc.params import Params
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """AdamW and its learning-rate schedule (defaults: the official I2V LoRA recipe)."""
+    """AdamW and its learning-rate schedule (class defaults: the official I2V LoRA recipe;
+    scripts/train.py's presets set their own)."""
 
     lr: float = 1e-4
     """Peak learning rate."""

@@ -60,7 +60,9 @@ class TrainConfig:
     fp32_leaves: str = ""
     """Regex of leaves computed in fp32 anyway (graphs.precision), e.g. "(_mod|modulation)\\.linear"."""
     guidance: float | None = 1.0
-    """Embedded guidance scale fed while training (x1000; T2V recipe 1.0, I2V 6.0); None for models without."""
+    """Embedded guidance scale fed while training (x1000). Recipes: T2V 1.0; I2V 6.016, i.e.
+    upstream's 6.0 after its bf16 rounding (6016). Ignored by models without a guidance
+    embedding; None is an error for models with one."""
     timesteps: TimestepSampling = field(default_factory=TimestepSampling)
     text_dropout: float = 0.0
     """Probability of training a sample on the empty prompt (for classifier-free guidance; I2V: with a
@@ -186,6 +188,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     model = dit_preset(cfg.model)
     task = "i2v" if model.i2v_condition_type else "t2v"
     uncond = _check_dropout(cfg, task)
+    if model.guidance_embed and cfg.guidance is None:
+        raise ValueError(f"model {cfg.model!r} has a guidance embedding: --guidance needs a value "
+                         "(recipes: T2V 1.0, I2V 6.016)")
     cfg.parallel.check_model(model)  # layout and data checks come before the (long) weight init
     ds = FeatureDataset(cfg.features, task=task, noimg=cfg.image_dropout > 0)
     device = runtime.init(cfg.device)
@@ -212,7 +217,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     blocks = make_blocks(prepare=prepare, recompute=cfg.recompute, compile=cfg.compile, dtensor_params=True,
                          device=device)
     attn = backends.attention_backend(cfg.attention)
-    guidance = None if not model.guidance_embed else (cfg.guidance if cfg.guidance is not None else 1.0) * 1000
+    guidance = None if not model.guidance_embed else cfg.guidance * 1000
     return _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, guidance, prepare, policy.dtype,
                  device, start)
 
@@ -235,8 +240,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _peak_mem_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+    """Peak device memory allocated (CUDA; NPU through torch_npu's torch.npu); CPU: peak RSS."""
+    if device.type != "cpu":
+        return getattr(torch, device.type).max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 

@@ -229,6 +229,8 @@ def test_layout_is_checked_before_anything_starts(tmp):
                      (ParallelConfig(cp=2, sequence_parallel=True), "sequence_parallel .* needs tp > 1")):
         with pytest.raises(ValueError, match=msg):
             train(_cfg(feats, tmp / "out", parallel=par))
+    with pytest.raises(ValueError, match="has a guidance embedding: --guidance needs a value"):
+        train(_cfg(feats, tmp / "out", guidance=None))
     assert not (tmp / "out").exists()
 
 
