@@ -1,4 +1,5 @@
-"""Every parallel layout trains exactly like one process (tiny model, fp32, gloo on CPU)."""
+"""Every parallel layout trains exactly like one process (tiny model, fp32, gloo on CPU),
+through the trainer's gather (parallel.gather.BlockGather) and block functions."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from dist import spawn
 
 from hvfunc import flow
 from hvfunc.config import DIT_PRESETS
-from parallel import optim, plan, step
+from graphs.blocks import make_blocks
+from parallel import gather, optim, plan, step
 from parallel.mesh import ParallelConfig, build
 
 STEPS, SEED = 3, 7
@@ -39,6 +41,9 @@ def _train(cfg, params, meshes=None, ids=(0, 1, 2, 3)) -> tuple[list[float], lis
     constant gradient scale, so a wrong norm would not show in losses), params."""
     trainable = {k: v.requires_grad_(True) for k, v in params.items()}
     opt = optim.make_optimizer(trainable, OPT)
+    if meshes is not None:  # the trainer's gather (parallel.gather), blocks as make_blocks builds them
+        prepare = gather.BlockGather(plan.tp_split(_spec(cfg)), meshes.cfg.sequence_parallel)
+        blocks = make_blocks(prepare=prepare, dtensor_params=True)
     losses, norms = [], []
     for s in range(STEPS):
         batch = _batch(cfg, list(ids))
@@ -48,7 +53,8 @@ def _train(cfg, params, meshes=None, ids=(0, 1, 2, 3)) -> tuple[list[float], lis
             sq, n = flow.token_loss(params, batch, sigma, noise, cfg=cfg, guidance=guidance)
             loss, value = sq / n, None
         else:
-            loss = step.loss(params, batch, sigma, noise, cfg=cfg, meshes=meshes, guidance=guidance)
+            loss = step.loss(params, batch, sigma, noise, cfg=cfg, meshes=meshes, guidance=guidance,
+                             prepare=prepare, blocks=blocks)
             value = step.global_mean(loss, meshes)
         loss.backward()
         optim.set_lr(opt, OPT.lr_at(s))
