@@ -126,7 +126,11 @@ def bench_dit(b: DiTBench) -> list[dict]:
     if b.compile != "none":
         blocks = make_blocks(compile=Compile(backend=b.compile))
         impls["hvfunc+compile"] = lambda: dit.forward(params, **inp, cfg=cfg, blocks=blocks)
-    impls["diffusers"] = lambda: ref(**ref_inp)[0]
+
+    def ref_impl():
+        return ref(**ref_inp)[0]
+
+    impls["diffusers"] = ref_impl
     tokens = b.tokens
     peak = bench.matmul_peak(device, dtype)
     with torch.no_grad():
@@ -140,9 +144,10 @@ def bench_dit(b: DiTBench) -> list[dict]:
             mode = getattr(b, "recompute_mode", "full")
             rc = (Recompute(double_full=b.double, single_full=b.single) if mode == "full"
                   else Recompute(selective=True, offload=mode == "offload"))
-            full = make_blocks(recompute=rc, compile=Compile(backend=b.compile))
-            impls = {f"hvfunc+recompute ({mode})": lambda: dit.forward(params, **inp, cfg=cfg, blocks=full),
-                     "diffusers+checkpointing": impls["diffusers"]}
+            variants = {"hvfunc": "none"} | ({"hvfunc+compile": b.compile} if b.compile != "none" else {})
+            impls = {f"{name}+recompute ({mode})": lambda bl=make_blocks(recompute=rc, compile=Compile(backend=c)):
+                     dit.forward(params, **inp, cfg=cfg, blocks=bl) for name, c in variants.items()}
+            impls["diffusers+checkpointing"] = ref_impl
             ref.enable_gradient_checkpointing()
             ref.train()
         leaves = {k: list(ref.parameters()) if k.startswith("diffusers") else list(params.values()) for k in impls}
