@@ -21,8 +21,8 @@ from hvfunc.params import Params
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """AdamW and its learning-rate schedule (class defaults: the official I2V LoRA recipe;
-    scripts/train.py's presets set their own)."""
+    """AdamW and its learning-rate schedule (scripts/train.py's presets set the recipes' values).
+    The warm-up is linear; upstream's I2V LoRA run uses DeepSpeed's WarmupLR (log-shaped)."""
 
     lr: float = 1e-4
     """Peak learning rate."""
