@@ -34,15 +34,17 @@ def median_seconds(fn: Callable[[], object], *, device: torch.device, warmup: in
     return statistics.median(times)
 
 
-def _cpu_attention_formulas() -> dict:
+def _cpu_formulas() -> dict:
     """torch's flop counter has formulas for the CUDA SDPA kernels only: the CPU flash
     kernel (what SDPA runs on CPU) would count 0, hiding most of a DiT's FLOPs. Same
-    formulas as the CUDA kernels (q, k, v are [B, N, L, K] here too)."""
+    formulas as the CUDA kernels (q, k, v are [B, N, L, K] here too). Likewise oneDNN's
+    convolution, which the VAE calls directly on CPU (hvfunc.vae.blocks.conv3d)."""
     from torch.utils import flop_counter as fc
 
     aten = torch.ops.aten
+    out = {aten.mkldnn_convolution: lambda x, w, *args, out_shape=None, **kwargs: fc.conv_flop_count(x, w, out_shape)}
     if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        return {}
+        return out
 
     def fwd(q, k, v, *args, **kwargs) -> int:
         return fc.sdpa_flop_count(q, k, v)
@@ -50,15 +52,15 @@ def _cpu_attention_formulas() -> dict:
     def bwd(grad_out, q, k, v, *args, **kwargs) -> int:
         return fc.sdpa_backward_flop_count(grad_out, q, k, v)
 
-    return {aten._scaled_dot_product_flash_attention_for_cpu: fwd,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd}
+    return out | {aten._scaled_dot_product_flash_attention_for_cpu: fwd,
+                  aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd}
 
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of one call, counted by torch.utils.flop_counter (matmuls, convs, SDPA incl. CPU)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas()) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_cpu_formulas()) as counter:
         fn()
     return counter.get_total_flops()
 

@@ -2,7 +2,9 @@
 
 Same random weights, same latents, same process and device. Time is the median of
 `repeats` runs after one warm-up; peak memory is graphs.memory's (bytes allocated during
-the call, output included). Ratios are ours / diffusers: below 1 is better for us.
+the call, output included). Ratios are ours / diffusers: below 1 is better for us. FLOPs
+are counted on our call (torch.utils.flop_counter; tiled: the overlapping tiles' work, which
+diffusers' tiling repeats too); `mfu` = achieved FLOP/s / the matmul peak measured in the run.
 Run: python scripts/bench.py vae [--preset tiny --frames 33 --height 128 ...]
 """
 
@@ -87,7 +89,7 @@ def bench_vae(*, preset: str = "tiny", cfg: VAEConfig | None = None, frames: int
     rt, rs = cfg.time_compression_ratio, cfg.spatial_compression_ratio
     z = torch.randn(1, cfg.latent_channels, (frames - 1) // rt + 1, height // rs, width // rs,
                     generator=g).to(device=dev, dtype=dtype)
-    rows = []
+    rows, peak = [], bench.matmul_peak(dev, dtype)
     for name, til in (("untiled", None), ("tiled", tiling)):
         ref = diffusers_vae(cfg, params, til)
         if dev.type != "cpu" or dtype != torch.float32:
@@ -98,10 +100,13 @@ def bench_vae(*, preset: str = "tiny", cfg: VAEConfig | None = None, frames: int
         y_ref, ref_peak = peak_memory(ref_fn, device=dev)
         err = float((y.double() - y_ref.double()).abs().max() / y_ref.double().abs().max())
         ours_s, ref_s = (bench.median_seconds(f, device=dev, repeats=repeats) for f in (ours_fn, ref_fn))
+        flops = bench.count_flops(ours_fn)
         rows.append({"case": f"decode {name}", "video": f"{frames}x{height}x{width}",
                      "tiles": "-" if til is None else f"{til.tile_sample_min_size}px/{til.tile_sample_min_tsize}f",
                      "ours_s": ours_s, "diffusers_s": ref_s, "time_ratio": ours_s / ref_s,
                      "ours_peak_mib": ours_peak / 2**20, "diffusers_peak_mib": ref_peak / 2**20,
-                     "peak_ratio": ours_peak / ref_peak, "max_rel_err": err})
+                     "peak_ratio": ours_peak / ref_peak, "max_rel_err": err, "gflop": flops / 1e9,
+                     "ours_mfu": flops / ours_s / peak, "diffusers_mfu": flops / ref_s / peak,
+                     "matmul_peak_tflops": peak / 1e12})
         del ref, y, y_ref
     return rows

@@ -20,6 +20,17 @@ def test_cpu_attention_flops_equal_explicit_matmuls():
     assert count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward()) == explicit * 7 // 2
 
 
+def test_vae_conv_flops_are_counted_on_cpu():
+    """The VAE's CPU conv (oneDNN, called directly) counts like F.conv3d: 2 x out voxels x
+    Cout x Cin x k^3 (torch's counter had no formula for it: a VAE decode counted ~0)."""
+    from hvfunc.vae.blocks import conv3d
+
+    x, w = torch.randn(1, 8, 5, 16, 16), torch.randn(6, 8, 3, 3, 3)
+    want = 2 * (3 * 14 * 14) * 6 * 8 * 27
+    assert count_flops(lambda: F.conv3d(x, w)) == want
+    assert count_flops(lambda: conv3d(x, w, None)) == want
+
+
 def test_dit_forward_flops_match_the_analytic_count():
     cfg = DIT_PRESETS["tiny"]
     params = random_params(cfg)
