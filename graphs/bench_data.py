@@ -7,6 +7,7 @@ thread each; the median of `repeats` runs is reported. Run: python scripts/bench
 
 from __future__ import annotations
 
+import functools
 import statistics
 import tempfile
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from graphs import bench
 from hvfunc.data import synthetic
 from hvfunc.data.video import decode, resample
 
@@ -77,7 +79,9 @@ class ExtractBench:
 
 
 def run_extract(b: ExtractBench) -> list[dict]:
-    """Decode + VAE encode (tiled) + LLM + CLIP per clip, timed over the whole set after a warm-up batch."""
+    """Decode + VAE encode (tiled) + LLM + CLIP per clip, timed over the whole set after a
+    warm-up batch; FLOPs (VAE + encoders) and peak memory of the first batch, per clip."""
+    from graphs.memory import peak_memory
     from hvfunc.config import data_preset
     from hvfunc.data import extract as ex
     from hvfunc.data.dataset import build_dataset
@@ -89,8 +93,14 @@ def run_extract(b: ExtractBench) -> list[dict]:
         ds = build_dataset(data_txt, data_preset("tiny"))
         batches = ex.plan_batches(ds, b.batch_size)
         dev = torch.device("cpu")
-        ex.extract(models, ds, batches[0], seed=0, task=b.task, device=dev)  # warm-up
+        first = functools.partial(ex.extract, models, ds, batches[0], seed=0, task=b.task, device=dev)
+        first()  # warm-up
+        flops = bench.count_flops(first) / len(batches[0])
+        mem = peak_memory(first, device=dev)[1]
         t = time.perf_counter()
         n = sum(len(ex.extract(models, ds, batch, seed=0, task=b.task, device=dev)) for batch in batches)
         sec = time.perf_counter() - t
-    return [{"bench": f"extract {b.task} (tiny models)", "clips": n, "seconds": sec, "clips_per_s": n / sec}]
+    peak = bench.matmul_peak(dev, torch.float32)
+    return [{"bench": f"extract {b.task} (tiny models)", "clips": n, "seconds": sec, "clips_per_s": n / sec,
+             "gflop_per_clip": flops / 1e9, "mfu": flops * n / sec / peak, "peak_mem_gb_batch": mem / 2**30,
+             "device": bench.machine()}]
