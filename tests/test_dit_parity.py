@@ -129,3 +129,26 @@ def test_gradients_match_diffusers(name):
     assert rel_err(x_ours.grad, x_ref.grad) <= TOL
     worst = max((rel_err(params[k].grad, theirs[k]), k) for k in params)
     assert worst[0] <= TOL, worst
+
+
+def test_bf16_keeps_fp32_where_upstream_does():
+    """In bf16, RMSNorm's statistics, RoPE and the timestep sinusoid are computed in fp32 as
+    upstream does: bit-equal to diffusers' RMSNorm, apply_rotary_emb and get_timestep_embedding."""
+    from diffusers.models.embeddings import apply_rotary_emb, get_timestep_embedding
+    from diffusers.models.normalization import RMSNorm
+
+    from hvfunc import ops
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 7, 3, 16, generator=g) * torch.logspace(-2, 2, 16)).bfloat16()  # [B, L, N, K]
+    w = (1 + 0.1 * torch.randn(16, generator=g)).bfloat16()
+    norm = RMSNorm(16, eps=1e-6).bfloat16()
+    norm.weight.data.copy_(w)
+    assert torch.equal(ops.rms_norm(x, w), norm(x))
+    cos, sin = ops.rope_freqs((1, 1, 7), (4, 6, 6), 256.0)
+    want = apply_rotary_emb(x, (cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)), sequence_dim=1)
+    assert torch.equal(ops.apply_rope(x, cos, sin), want)
+    t = torch.tensor([1.0, 999.0, 437.5]).bfloat16()
+    emb = ops.timestep_embedding(t, 256)
+    assert emb.dtype == torch.float32
+    assert torch.equal(emb, get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0))
