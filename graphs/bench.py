@@ -95,5 +95,6 @@ def markdown(rows: list[dict], cols: list[str] | None = None) -> str:
 
 
 def save_json(rows: list[dict], path: Path, **meta: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine(), **meta, "rows": rows}, indent=2, default=str))
+    from hvfunc import io
+
+    io.write_atomic(path, json.dumps({"machine": machine(), **meta, "rows": rows}, indent=2, default=str).encode())

@@ -60,3 +60,26 @@ def test_train_bench_credits_model_flops_for_every_recompute_mode():
         rows = bench_dit(TrainBench(**shapes, compile="aot_eager", recompute_mode=mode))
         assert flops(rows, f"hvfunc+recompute ({mode})") == plain
         assert flops(rows, "diffusers+checkpointing") == plain
+
+
+def test_bench_cli_prints_the_table_and_writes_json(tmp, capsys):
+    """scripts/bench.py: rows for ours (eager, compiled) and diffusers, printed and saved."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_cli", Path(__file__).resolve().parents[1] / "scripts/bench.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+
+    out = tmp / "sub" / "dit.json"
+    rows = cli.main(["dit", "--hidden", "64", "--heads", "2", "--double", "1", "--single", "1", "--text-len", "8",
+                     "--text-dim", "32", "--frames", "2", "--height", "8", "--width", "8", "--repeats", "1",
+                     "--compile", "aot_eager", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert [r["impl"] for r in saved["rows"]] == [r["impl"] for r in rows] == \
+        ["hvfunc", "hvfunc+compile", "diffusers"] * 2
+    assert saved["config"]["hidden"] == 64 and saved["machine"] and rows[0]["ratio"] > 0
+    assert all(r["tflops"] > 0 and r["peak_mem_gb"] > 0 for r in rows)
+    table = capsys.readouterr().out
+    assert "| dit forward+backward | hvfunc+compile |" in table and "| dit forward | diffusers |" in table
