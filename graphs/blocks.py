@@ -68,6 +68,11 @@ class ShardedPrepare(Protocol):
         """Inside it (traceable): local shards -> compute leaves."""
 
 
+def resolve(c: Compile, device: torch.device | str) -> Compile:
+    """backend "auto" -> the device's backend (graphs.backends.default_compile_backend)."""
+    return dataclasses.replace(c, backend=backends.default_compile_backend(device)) if c.backend == "auto" else c
+
+
 def compiled(fn: Callable, c: Compile, backend_fn: Callable | None = None) -> Callable:
     if c.backend == "none" and backend_fn is None:
         return fn
@@ -100,8 +105,7 @@ def make_blocks(*, prepare: Callable[[Params], Params] | ShardedPrepare | None =
     ShardedPrepare (parallel.gather.BlockGather); compiled blocks then gather inside the
     graph from local shards (eager ones call `prepare` on the DTensors)."""
     cache: dict[tuple[str, str], Callable] = {}
-    if compile.backend == "auto":
-        compile = dataclasses.replace(compile, backend=backends.default_compile_backend(device))
+    compile = resolve(compile, device)
     compiling = compile.backend != "none" or backend_fn is not None
     if dtensor_params and compiling and not hasattr(prepare, "shards"):
         raise ValueError("compiled blocks over DTensor leaves need prepare=parallel.gather.BlockGather(...) "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -37,10 +38,12 @@ def _same(a: dict, b: dict) -> bool:
 
 def test_bad_clips_reported_and_ranks_write_the_same_files(messy, tmp):  # noqa: F811
     spawn(_run, 1, str(messy), str(tmp / "one"), "t2v")
-    spawn(_run, 2, str(messy), str(tmp / "two"), "t2v")
+    spawn(functools.partial(_run, compile="aot_eager"), 2, str(messy), str(tmp / "two"), "t2v")  # --compile too
     one, two = _files(tmp / "one"), _files(tmp / "two")
     assert sorted(one) == sorted(g.replace(".mp4", ".safetensors") for g in GOOD)
-    assert _same(one, two)
+    assert one.keys() == two.keys() and all(a.keys() == two[n].keys() for n, a in one.items())
+    for n, a in one.items():  # compiled convs are F.conv3d, eager ones oneDNN: fp32 rounding apart
+        assert all(torch.allclose(a[k].float(), two[n][k].float(), rtol=1e-4, atol=1e-5) for k in a), n
     report = json.loads((tmp / "one" / "report.json").read_text())
     expect = dict(INDEX_SKIPS)
     for k, v in READ_SKIPS.items():

@@ -38,6 +38,8 @@ class Models:
     text: TextEncoders
     tiling: vae.Tiling | None = None
     """VAE tiling (upstream: on), bounds memory for large clips."""
+    encoder: vae.model.Net = vae.encoder
+    """The VAE encoder network: vae.encoder, or a compiled one (graphs.vae.vae_nets)."""
 
 
 def write_tiny_models(root: str | Path, task: str) -> tuple[Path, Path, Path]:
@@ -121,7 +123,7 @@ def extract(models: Models, ds: VideoDataset, indices: list[int], *, seed: int, 
         return []
     video = torch.stack([s["video"] for _, s in loaded]).to(device, dtype)  # [B, 3, T, H, W] in [-1, 1]
     p = {k: v.to(device, dtype) for k, v in models.vae.items()}
-    mean, logvar = vae.encode(p, video, cfg=models.vae_cfg, tiling=models.tiling, slicing=True)
+    mean, logvar = vae.encode(p, video, cfg=models.vae_cfg, tiling=models.tiling, slicing=True, net=models.encoder)
     lat = []
     for b, (i, _) in enumerate(loaded):
         g = torch.Generator(device="cpu").manual_seed(mix_seed(seed, i))
@@ -136,7 +138,7 @@ def extract(models: Models, ds: VideoDataset, indices: list[int], *, seed: int, 
                           batch_size=n)
     cond = None
     if task == "i2v":  # the reference frame alone, posterior mode (as upstream encodes the I2V image)
-        m, _ = vae.encode(p, video[:, :, :1], cfg=models.vae_cfg, slicing=True)
+        m, _ = vae.encode(p, video[:, :, :1], cfg=models.vae_cfg, slicing=True, net=models.encoder)
         cond = vae.scale_latents(m.float().cpu(), cfg=models.vae_cfg)
     out = []
     for b, (i, s) in enumerate(loaded):

@@ -20,6 +20,7 @@ from hvfunc.ops import linear
 from hvfunc.params import Params, sub
 
 EPS = 1e-6  # every GroupNorm of the VAE
+_MKLDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile cannot trace the call
 
 
 def conv3d(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int, int] = (1, 1, 1)) -> Tensor:
@@ -27,10 +28,11 @@ def conv3d(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int, int] 
 
     torch sends batch-1 inputs with B*C*T*H <= 20480 to its im2col `slow_conv3d`, 7-10x
     slower than oneDNN here: that covers every conv of a small model or a small tile.
-    (bf16 / fp16 keep torch's choice: oneDNN's bf16 path depends on CPU features.)
+    (bf16 / fp16 keep torch's choice: oneDNN's bf16 path depends on CPU features. Under
+    torch.compile, which cannot trace the direct call, F.conv3d.)
     """
-    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled \
-            and torch.backends.mkldnn.is_available():
+    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled and _MKLDNN \
+            and not torch.compiler.is_compiling():
         return torch.mkldnn_convolution(x, w, b, [0, 0, 0], list(stride), [1, 1, 1], 1)
     return F.conv3d(x, w, b, stride)
 
@@ -64,15 +66,17 @@ def resnet(p: Params, x: Tensor, *, groups: int) -> Tensor:
     return h.add_(x)  # in place on a fresh conv output: conv backward does not need it
 
 
-def frame_causal_attention(q_B1LC: Tensor, k_B1LC: Tensor, v_B1LC: Tensor, n: int) -> Tensor:
-    """Single-head attention where frame t's n tokens see frames 0..t: one SDPA per query frame.
+def frame_causal_attention(q_B1LC: Tensor, k_B1LC: Tensor, v_B1LC: Tensor, n: int, frames: int) -> Tensor:
+    """Single-head attention over L = frames x n tokens where frame t's n tokens see frames
+    0..t: one SDPA per query frame.
 
     Equal to upstream's dense [L, L] -inf mask (a softmax over the allowed keys only) without
     building it: the mask alone would be 1.2 GB in fp32 for one 17 x 32 x 32 latent tile.
+    (The loop counts frames, not range(0, L, n): under torch.compile with dynamic sizes the
+    latter's length is a guard on H and W.)
     """
-    L = q_B1LC.shape[2]
-    return torch.cat([F.scaled_dot_product_attention(q_B1LC[:, :, s:s + n], k_B1LC[:, :, :s + n], v_B1LC[:, :, :s + n])
-                      for s in range(0, L, n)], dim=2)
+    return torch.cat([F.scaled_dot_product_attention(q_B1LC[:, :, i * n:(i + 1) * n], k_B1LC[:, :, :(i + 1) * n],
+                                                     v_B1LC[:, :, :(i + 1) * n]) for i in range(frames)], dim=2)
 
 
 def mid_attention(p: Params, x: Tensor, *, groups: int) -> Tensor:
@@ -81,7 +85,7 @@ def mid_attention(p: Params, x: Tensor, *, groups: int) -> Tensor:
     h = group_norm(p, x, "group_norm", groups).to(x.dtype)
     h_BLC = h.permute(0, 2, 3, 4, 1).reshape(B, T * H * W, C)
     q, k, v = (linear(h_BLC, p, name).unsqueeze(1) for name in ("to_q", "to_k", "to_v"))
-    o_BLC = linear(frame_causal_attention(q, k, v, H * W).squeeze(1), p, "to_out.0")
+    o_BLC = linear(frame_causal_attention(q, k, v, H * W, T).squeeze(1), p, "to_out.0")
     return x + o_BLC.reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)
 
 

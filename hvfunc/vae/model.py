@@ -11,6 +11,8 @@ encode -> (mean, logvar) [B, L, t, h, w]; `mode` or `sample` picks a latent z, a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -20,6 +22,7 @@ from hvfunc.vae import tiling as tl
 from hvfunc.vae.blocks import causal_conv, conv3d, mid_block, norm_act, resnet, upsample
 from hvfunc.vae.spec import down_strides, up_factors
 
+Net = Callable[..., Tensor]  # encoder / decoder: (params, x, *, cfg) -> Tensor
 LOGVAR_RANGE = (-30.0, 20.0)  # upstream's DiagonalGaussianDistribution clamps logvar to this
 
 
@@ -76,12 +79,13 @@ def _check_input(x: Tensor, channels: int, what: str) -> None:
 
 
 def encode(params: Params, video: Tensor, *, cfg: VAEConfig, tiling: tl.Tiling | None = None,
-           slicing: bool = False) -> tuple[Tensor, Tensor]:
+           slicing: bool = False, net: Net = encoder) -> tuple[Tensor, Tensor]:
     """Video [B, 3, T, H, W] in [-1, 1] -> posterior (mean, logvar) [B, L, t, h, w], logvar clamped.
 
     `tiling` enables upstream's temporal + spatial tiling (exactly its numbers); `slicing`
     encodes one batch element at a time. Both only bound memory; tiling changes values
-    (tiles are blended), slicing does not.
+    (tiles are blended), slicing does not. `net`: `encoder` or a compiled version of it
+    (graphs.vae), run once per tile.
     """
     _check_input(video, cfg.in_channels, "video")
     T, H, W = video.shape[2:]
@@ -90,7 +94,7 @@ def encode(params: Params, video: Tensor, *, cfg: VAEConfig, tiling: tl.Tiling |
     space, time = tl.plan(tiling, cfg, decode=False) if tiling is not None else (None, None)
 
     def one(x: Tensor) -> Tensor:
-        return tl.run(lambda tile: encoder(params, tile, cfg=cfg), x, space=space, time=time,
+        return tl.run(lambda tile: net(params, tile, cfg=cfg), x, space=space, time=time,
                       out_size=((T - 1) // rt + 1, H // rs, W // rs))
 
     moments = tl.sliced(one, video) if slicing else one(video)
@@ -99,15 +103,16 @@ def encode(params: Params, video: Tensor, *, cfg: VAEConfig, tiling: tl.Tiling |
 
 
 def decode(params: Params, latents: Tensor, *, cfg: VAEConfig, tiling: tl.Tiling | None = None,
-           slicing: bool = False) -> Tensor:
-    """Unscaled latents [B, L, t, h, w] -> video [B, 3, 4(t-1)+1, 8h, 8w] (about [-1, 1], not clamped)."""
+           slicing: bool = False, net: Net = decoder) -> Tensor:
+    """Unscaled latents [B, L, t, h, w] -> video [B, 3, 4(t-1)+1, 8h, 8w] (about [-1, 1], not clamped).
+    `net`: `decoder` or a compiled version of it (graphs.vae), run once per tile."""
     _check_input(latents, cfg.latent_channels, "latents")
     t, h, w = latents.shape[2:]
     rt, rs = cfg.time_compression_ratio, cfg.spatial_compression_ratio
     space, time = tl.plan(tiling, cfg, decode=True) if tiling is not None else (None, None)
 
     def one(z: Tensor) -> Tensor:
-        return tl.run(lambda tile: decoder(params, tile, cfg=cfg), z, space=space, time=time,
+        return tl.run(lambda tile: net(params, tile, cfg=cfg), z, space=space, time=time,
                       out_size=(rt * (t - 1) + 1, rs * h, rs * w))
 
     return tl.sliced(one, latents) if slicing else one(latents)
