@@ -7,6 +7,7 @@ matmul peak, and CUDA peak memory; `ratio` = ours / diffusers time (< 1 is faste
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,9 +145,12 @@ def bench_dit(b: DiTBench) -> list[dict]:
             mode = getattr(b, "recompute_mode", "full")
             rc = (Recompute(double_full=b.double, single_full=b.single) if mode == "full"
                   else Recompute(selective=True, offload=mode == "offload"))
-            variants = {"hvfunc": "none"} | ({"hvfunc+compile": b.compile} if b.compile != "none" else {})
-            impls = {f"{name}+recompute ({mode})": lambda bl=make_blocks(recompute=rc, compile=Compile(backend=c)):
-                     dit.forward(params, **inp, cfg=cfg, blocks=bl) for name, c in variants.items()}
+            impls = {}
+            for name, backend in (("hvfunc", "none"), ("hvfunc+compile", b.compile)):
+                if name == "hvfunc" or backend != "none":
+                    bl = make_blocks(recompute=rc, compile=Compile(backend=backend))
+                    impls[f"{name}+recompute ({mode})"] = functools.partial(dit.forward, params, **inp, cfg=cfg,
+                                                                            blocks=bl)
             impls["diffusers+checkpointing"] = ref_impl
             ref.enable_gradient_checkpointing()
             ref.train()

@@ -74,6 +74,10 @@ def run(b: VAEBench) -> list[dict]:
                      device=b.device, dtype=dtype, compile=b.compile)
 
 
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
 @torch.no_grad()
 def bench_vae(*, preset: str = "tiny", cfg: VAEConfig | None = None, frames: int = 33, height: int = 128,
               width: int = 128, tiling: vae.Tiling | None = None, repeats: int = 3, device: str = "cpu",
@@ -103,7 +107,7 @@ def bench_vae(*, preset: str = "tiny", cfg: VAEConfig | None = None, frames: int
         ref_fn = functools.partial(lambda m: m.decode(z).sample, ref)
         y, ours_peak = peak_memory(ours_fn, device=dev)
         y_ref, ref_peak = peak_memory(ref_fn, device=dev)
-        err = float((y.double() - y_ref.double()).abs().max() / y_ref.double().abs().max())
+        err = _rel_err(y, y_ref)
         ours_s, ref_s = (bench.median_seconds(f, device=dev, repeats=repeats) for f in (ours_fn, ref_fn))
         flops = bench.count_flops(ours_fn)
         if compile != "none":
@@ -111,8 +115,7 @@ def bench_vae(*, preset: str = "tiny", cfg: VAEConfig | None = None, frames: int
             fast()  # compiles
             comp_s = bench.median_seconds(fast, device=dev, repeats=repeats)
             rows_extra = {"compiled_s": comp_s, "compiled_ratio": comp_s / ref_s,
-                          "compiled_rel_err": float((fast().double() - y_ref.double()).abs().max()
-                                                    / y_ref.double().abs().max())}
+                          "compiled_rel_err": _rel_err(fast(), y_ref)}
         else:
             rows_extra = {}
         rows.append({"case": f"decode {name}", "video": f"{frames}x{height}x{width}",

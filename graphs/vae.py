@@ -6,7 +6,7 @@ once and shared by every clip of a bucket. (Dynamic shapes compile far slower: ~
 VAE graph on 2 CPU cores.) Many buckets exceed dynamo's per-function recompile limit (8),
 which ends a fullgraph run, so the nets raise it while they run. On CPU the compiled
 convolutions lose hvfunc's direct oneDNN call and run slower than eager; the switch is
-meant for GPUs, where it has not been measured yet (docs/benchmarks.md).
+meant for GPUs, where it has not been measured yet (docs/vae.md).
 """
 
 from __future__ import annotations
@@ -24,11 +24,8 @@ RECOMPILE_LIMIT = 256
 """Compiled tile shapes allowed per network (distinct tile shapes over all buckets)."""
 
 
-def _limits() -> dict[str, int]:
-    cfg = torch._dynamo.config
-    names = ("recompile_limit", "accumulated_recompile_limit") if hasattr(cfg, "recompile_limit") else \
-        ("cache_size_limit", "accumulated_cache_size_limit")
-    return {n: RECOMPILE_LIMIT for n in names if hasattr(cfg, n)}
+# dynamo's per-function limit ("cache_size_limit" before it was renamed)
+_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def _wrap(fn: Net, c: Compile, backend_fn: Callable | None) -> Net:
@@ -37,7 +34,7 @@ def _wrap(fn: Net, c: Compile, backend_fn: Callable | None) -> Net:
         return fn
 
     def run(p, x, *, cfg):
-        with torch._dynamo.config.patch(**_limits()):
+        with torch._dynamo.config.patch(**{_LIMIT: RECOMPILE_LIMIT}):
             return f(p, x, cfg=cfg)
 
     return run
