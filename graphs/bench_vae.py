@@ -18,9 +18,7 @@ from typing import Literal
 import torch
 
 from graphs import bench
-from graphs.blocks import Compile
 from graphs.memory import peak_memory
-from graphs.vae import vae_nets
 from hvfunc import params as hp
 from hvfunc import vae
 from hvfunc.config import VAEConfig, vae_preset
@@ -62,8 +60,6 @@ class VAEBench:
     repeats: int = 3
     device: str = "cpu"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: Literal["none", "inductor", "aot_eager"] = "none"
-    """Also time our decoder compiled with this backend (graphs.vae: static shapes)."""
     json: Path | None = None
     """Also write the rows (and the machine) as JSON here."""
 
@@ -71,17 +67,13 @@ class VAEBench:
 def run(b: VAEBench) -> list[dict]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[b.dtype]
     return bench_vae(preset=b.preset, frames=b.frames, height=b.height, width=b.width, repeats=b.repeats,
-                     device=b.device, dtype=dtype, compile=b.compile)
-
-
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref.double()).abs().max() / ref.double().abs().max())
+                     device=b.device, dtype=dtype)
 
 
 @torch.no_grad()
 def bench_vae(*, preset: str = "tiny", cfg: VAEConfig | None = None, frames: int = 33, height: int = 128,
               width: int = 128, tiling: vae.Tiling | None = None, repeats: int = 3, device: str = "cpu",
-              dtype: torch.dtype = torch.float32, seed: int = 0, compile: str = "none") -> list[dict]:
+              dtype: torch.dtype = torch.float32, seed: int = 0) -> list[dict]:
     """Decode rows (untiled, tiled) for a [1, 16, (frames-1)/4+1, height/8, width/8] latent.
 
     `tiling` defaults to upstream's numbers scaled to the video (tiles of a quarter of the
@@ -98,7 +90,6 @@ def bench_vae(*, preset: str = "tiny", cfg: VAEConfig | None = None, frames: int
     z = torch.randn(1, cfg.latent_channels, (frames - 1) // rt + 1, height // rs, width // rs,
                     generator=g).to(device=dev, dtype=dtype)
     rows, peak = [], bench.matmul_peak(dev, dtype)
-    net = vae_nets(Compile(backend=compile), device=dev)[1]
     for name, til in (("untiled", None), ("tiled", tiling)):
         ref = diffusers_vae(cfg, params, til)
         if dev.type != "cpu" or dtype != torch.float32:
@@ -107,23 +98,15 @@ def bench_vae(*, preset: str = "tiny", cfg: VAEConfig | None = None, frames: int
         ref_fn = functools.partial(lambda m: m.decode(z).sample, ref)
         y, ours_peak = peak_memory(ours_fn, device=dev)
         y_ref, ref_peak = peak_memory(ref_fn, device=dev)
-        err = _rel_err(y, y_ref)
+        err = float((y.double() - y_ref.double()).abs().max() / y_ref.double().abs().max())
         ours_s, ref_s = (bench.median_seconds(f, device=dev, repeats=repeats) for f in (ours_fn, ref_fn))
         flops = bench.count_flops(ours_fn)
-        if compile != "none":
-            fast = functools.partial(vae.decode, params, z, cfg=cfg, tiling=til, net=net)
-            fast()  # compiles
-            comp_s = bench.median_seconds(fast, device=dev, repeats=repeats)
-            rows_extra = {"compiled_s": comp_s, "compiled_ratio": comp_s / ref_s,
-                          "compiled_rel_err": _rel_err(fast(), y_ref)}
-        else:
-            rows_extra = {}
         rows.append({"case": f"decode {name}", "video": f"{frames}x{height}x{width}",
                      "tiles": "-" if til is None else f"{til.tile_sample_min_size}px/{til.tile_sample_min_tsize}f",
                      "ours_s": ours_s, "diffusers_s": ref_s, "time_ratio": ours_s / ref_s,
                      "ours_peak_mib": ours_peak / 2**20, "diffusers_peak_mib": ref_peak / 2**20,
                      "peak_ratio": ours_peak / ref_peak, "max_rel_err": err, "gflop": flops / 1e9,
                      "ours_mfu": flops / ours_s / peak, "diffusers_mfu": flops / ref_s / peak,
-                     "matmul_peak_tflops": peak / 1e12, **rows_extra})
+                     "matmul_peak_tflops": peak / 1e12})
         del ref, y, y_ref
     return rows

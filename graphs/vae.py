@@ -6,7 +6,10 @@ once and shared by every clip of a bucket. (Dynamic shapes compile far slower: ~
 VAE graph on 2 CPU cores.) Many buckets exceed dynamo's per-function recompile limit (8),
 which ends a fullgraph run, so the nets raise it while they run. On CPU the compiled
 convolutions lose hvfunc's direct oneDNN call and run slower than eager; the switch is
-meant for GPUs, where it has not been measured yet (docs/vae.md).
+meant for GPUs, where it has not been measured yet (docs/vae.md). The encoder compiles
+with Inductor (torch 2.13); the decoder only with aot_eager: Inductor fails on it
+("vr must not be None for symbol q2", an indexing simplification), so sampling-side decode
+stays eager until that is solved.
 """
 
 from __future__ import annotations

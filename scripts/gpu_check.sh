@@ -56,8 +56,8 @@ for section in "$@"; do
     vae)
       cap 120 $PY -m pytest -q -p no:cacheprovider tests/test_vae_gpu.py tests/test_text.py -k "gpu or device" \
         2>&1 | tee "$OUT/vae_text_gpu.log" | tail -5
-      cap 200 $PY scripts/bench.py vae --frames 17 --height 256 --width 256 \
-        $VAE --repeats 3 --compile $COMPILE --json "$OUT/vae.json" 2>&1 | tee "$OUT/vae.log" | grep -v Warning ;;
+      cap 150 $PY scripts/bench.py vae --frames 17 --height 256 --width 256 \
+        $VAE --repeats 3 --json "$OUT/vae.json" 2>&1 | tee "$OUT/vae.log" | grep -v Warning ;;
     train)  # >= 30k video tokens (9 x 90 x 160 latent = 720p, 33 frames), full recompute, compiled
       cap 300 $PY scripts/bench.py train $FULL $TRAIN_SHAPE --repeats 3 \
         --compile $COMPILE --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log" | grep -v Warning ;;
