@@ -1,4 +1,4 @@
-"""The per-block FSDP gather of training as functional collectives on plain tensors.
+"""The per-block FSDP gather of training on plain tensors (functional collectives when traced).
 
 `plan.gather` gathers with a DTensor redistribute; torch 2.13 fails on that inside a
 compiled, fully checkpointed region (AOTAutograd saves the DeviceMesh for the backward:
@@ -19,7 +19,7 @@ padding's backward drops the padded rows of the gradient. Leaves are cast to the
 compute dtype before the gather (bf16 moves half the bytes of fp32, as FSDP2's
 param_dtype) and their gradients back to the storage dtype before any reduction, so
 gradients are summed in fp32 exactly as with a cast after an fp32 gather. Eager blocks
-(and the leaves outside the blocks) take the same path, without compiling it.
+(and the leaves outside the blocks) take the same path with blocking c10d collectives.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor
@@ -43,10 +44,40 @@ _reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduc
 _all_reduce = funcol.all_reduce
 
 
-def _done(t: Tensor) -> Tensor:
-    """Eager: wait for the collective now (no half-finished result escapes into autograd
-    or the optimizer). Traced: funcol returns plain tensors and the compiler places the waits."""
-    return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
+# Traced (compiled blocks): functional collectives, graph nodes whose waits the compiler
+# places. Eager: the blocking c10d calls on fresh contiguous buffers. (Eager funcol on gloo
+# corrupted the heap now and then - "malloc(): unaligned tcache chunk detected", 2 of ~30
+# multi-rank CPU runs - even with an immediate wait; the blocking calls never did.)
+
+
+def _pg(name: str) -> dist.ProcessGroup:
+    return dist.distributed_c10d._resolve_process_group(name)
+
+
+def _all_gather_on(y: Tensor, dim: int, a: Axis) -> Tensor:
+    if torch.compiler.is_compiling():
+        return _all_gather(y.contiguous(), dim, a.group)
+    x = y.movedim(dim, 0).contiguous()
+    out = x.new_empty((a.ranks * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x, group=_pg(a.group))
+    return out.movedim(0, dim).contiguous()  # the layout funcol returns (same matmul roundings)
+
+
+def _reduce_scatter_on(g: Tensor, dim: int, a: Axis) -> Tensor:
+    if torch.compiler.is_compiling():
+        return _reduce_scatter(g.contiguous(), "sum", dim, a.group)
+    x = g.movedim(dim, 0).contiguous()
+    out = x.new_empty((x.shape[0] // a.ranks, *x.shape[1:]))
+    dist.reduce_scatter_tensor(out, x, group=_pg(a.group))
+    return out.movedim(0, dim).contiguous()  # the layout funcol returns (same matmul roundings)
+
+
+def _all_reduce_on(g: Tensor, a: Axis) -> Tensor:
+    if torch.compiler.is_compiling():
+        return _all_reduce(g.contiguous(), "sum", a.group)
+    out = g.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, group=_pg(a.group))
+    return out
 
 
 class Axis(NamedTuple):
@@ -70,19 +101,19 @@ def _gather_axis(y: Tensor, a: Axis) -> Tensor:
     chunk = -(-a.size // a.ranks)
     if pad := chunk - y.shape[a.dim]:
         y = F.pad(y, [0, 0] * (y.ndim - 1 - a.dim) + [0, pad])
-    y = _done(_all_gather(y.contiguous(), a.dim, a.group))
+    y = _all_gather_on(y, a.dim, a)
     return y if chunk * a.ranks == a.size else y.narrow(a.dim, 0, a.size)
 
 
 def _reduce_axis(g: Tensor, a: Axis, local: int) -> Tensor:
     """Backward of one axis: the gradient of this rank's `local` rows on a.dim."""
     if a.dim is None:
-        return _done(_all_reduce(g.contiguous(), "sum", a.group)) if a.sums else g
+        return _all_reduce_on(g, a) if a.sums else g
     chunk = -(-a.size // a.ranks)
     if pad := chunk * a.ranks - a.size:
         g = F.pad(g, [0, 0] * (g.ndim - 1 - a.dim) + [0, pad])
     if a.sums:
-        g = _done(_reduce_scatter(g.contiguous(), "sum", a.dim, a.group))
+        g = _reduce_scatter_on(g, a.dim, a)
     else:
         g = g.narrow(a.dim, a.rank * chunk, chunk)
     return g if local == chunk else g.narrow(a.dim, 0, local)

@@ -134,7 +134,7 @@ def _bf16_gather_errors(run, split) -> list:
     plan.gather's fp32 gather (values exact, fp32 gradients)."""
     bf16, seen = torch.bfloat16, []
     ref = run(lambda p: {k: v.to(bf16) for k, v in plan.gather_tree(p, split=split).items()})
-    names = ("_all_gather", "_reduce_scatter", "_all_reduce")
+    names = ("_all_gather_on", "_reduce_scatter_on", "_all_reduce_on")
     saved = {n: getattr(gather, n) for n in names}
 
     def spy(name):
@@ -153,9 +153,10 @@ def _bf16_gather_errors(run, split) -> list:
     errors = [("bf16", k, "value") for k in vals if not (vals[k].dtype == bf16 and torch.equal(vals[k], ref[0][k]))]
     errors += [("bf16", k, "grad") for k in grads if not (grads[k].dtype == torch.float32 and float(
         (grads[k] - ref[1][k]).norm() / ref[1][k].norm()) <= 1e-6)]
-    errors += [("bf16 collective", s) for s in seen if s not in (("_all_gather", bf16), ("_reduce_scatter", torch.float32),
-                                                                ("_all_reduce", torch.float32))]
-    return errors + ([] if {n for n, _ in seen} >= {"_all_gather", "_reduce_scatter"} else [("bf16 spies", seen)])
+    errors += [("bf16 collective", s) for s in seen if s not in (("_all_gather_on", bf16),
+                                                                ("_reduce_scatter_on", torch.float32),
+                                                                ("_all_reduce_on", torch.float32))]
+    return errors + ([] if {n for n, _ in seen} >= {"_all_gather_on", "_reduce_scatter_on"} else [("bf16 spies", seen)])
 
 
 def _gather_worker(rank, world, out):
