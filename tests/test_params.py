@@ -16,6 +16,27 @@ def test_full_t2v_has_official_parameter_count_on_meta():
     assert params.count(ckpt.official_spec(cfg)) == 12_821_012_544
 
 
+def test_full_t2v_count_and_shapes_equal_diffusers_on_meta():
+    """diffusers' HunyuanVideoTransformer3DModel with the official HYVideo-T/2-cfgdistill config
+    (written out here from hunyuanvideo-official.md 1.1, not derived from our DiTConfig), built
+    on the meta device: same parameter count, and our spec converted to diffusers' layout has
+    exactly its keys and shapes."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    with torch.device("meta"):
+        ref = HunyuanVideoTransformer3DModel(
+            in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+            num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+            qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+            rope_theta=256.0, rope_axes_dim=(16, 56, 56))
+    assert all(p.device.type == "meta" for p in ref.parameters())
+    cfg = DIT_PRESETS["hunyuan-video-t2v"]
+    tree = params.abstract(dit_spec(cfg))
+    assert params.count(tree) == sum(p.numel() for p in ref.parameters())
+    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ckpt.dit_to_diffusers(tree, cfg).items()} == theirs
+
+
 def test_official_shapes_of_full_model():
     s = ckpt.official_spec(DIT_PRESETS["hunyuan-video-t2v"])
     expect = {"img_in.proj.weight": (3072, 16, 1, 2, 2), "double_blocks.0.img_attn_qkv.weight": (9216, 3072),
