@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from dist import spawn
+from torch.multiprocessing import ProcessExitedException
 
 from graphs.blocks import Compile
 from graphs.recompute import Recompute
@@ -102,7 +104,7 @@ def test_resume_continues_the_same_trajectory(tmp):
     step 2), then resumed: the partial checkpoint is ignored, steps 3-4 redone bit-identically."""
     feats = make_features(tmp / "feats")
     (a,) = _spawn_train(1, [_cfg(feats, tmp / "a")], tmp)
-    with pytest.raises(Exception, match="exit code 137"):
+    with pytest.raises(ProcessExitedException, match="exit code 137"):
         spawn(_killed_while_saving, 1, _cfg(feats, tmp / "b"), 4)
     ck = tmp / "b" / "checkpoints"
     assert (ck / ".step-00000004.partial").is_dir() and checkpoint.latest(ck) == ck / "step-00000002"
@@ -149,38 +151,78 @@ def test_non_finite_steps_are_skipped_then_stop(tmp):
     (losses,) = _spawn_train(1, [_cfg(feats, tmp / "ok", steps=4, max_bad_steps=5)], tmp)
     recs = [json.loads(x) for x in (tmp / "ok" / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["skipped_steps"] == sum(1 for v in losses if v != v) > 0
-    with pytest.raises(Exception, match="consecutive steps had a non-finite loss"):
-        _spawn_train(1, [_cfg(feats, tmp / "stop", steps=6, max_bad_steps=0)], tmp)
+    with pytest.raises(RuntimeError, match="1 consecutive steps had a non-finite loss"):
+        _raise_from_train(_cfg(feats, tmp / "stop", steps=6, max_bad_steps=0), tmp)
     assert checkpoint.latest(tmp / "stop" / "checkpoints") is not None
 
 
-def test_export_and_init_from(tmp):
-    """convert.py export writes the trained weights; --init-from reads them back (and fails loudly)."""
-    import sys
+def _loaded_params(rank, world, cfg, out):
+    """The trainer's parameters right after --init-from (sharded over the ranks), gathered whole."""
+    from parallel.mesh import build
+    from parallel.trainer import _params
 
+    meshes = build(cfg.parallel, device_type="cpu")
+    params = _params(cfg, DIT_PRESETS[cfg.model], meshes, torch.device("cpu"))
+    full = {k: v.full_tensor().detach() for k, v in params.items()}
+    if rank == 0:
+        torch.save(full, out)
+
+
+def _train_error(rank, world, cfg, out):
+    """train(cfg), keeping the exception it raises (pickled as raised)."""
+    try:
+        train(cfg)
+    except Exception as e:  # noqa: BLE001 - handed to the test, which checks its class and message
+        with open(out, "wb") as f:
+            pickle.dump(e, f)
+
+
+def _raise_from_train(cfg, tmp: Path) -> None:
+    """Run train(cfg) in a 1-process group and re-raise its exception here, class intact."""
+    path = tmp / "err.pkl"
+    path.unlink(missing_ok=True)
+    spawn(_train_error, 1, cfg, str(path))
+    if path.is_file():
+        with open(path, "rb") as f:
+            raise pickle.load(f)
+
+
+def test_export_and_init_from(tmp):
+    """convert.py export writes the trained (DCP) weights; --init-from starts from exactly the
+    file's tensors (official .pt and hvfunc safetensors, sharded over 2 ranks) and fails loudly."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import convert
+    from conftest import random_params
 
+    from hvfunc import ckpt
+
+    cfg = DIT_PRESETS["tiny"]
     feats = make_features(tmp / "feats")
     _spawn_train(1, [_cfg(feats, tmp / "a", steps=2)], tmp)
     convert.main(["export", "--checkpoint", str(tmp / "a" / "checkpoints"), "--target", str(tmp / "w.pt"),
                   "--to", "official", "--dtype", "keep"])
-    from hvfunc import ckpt
-
-    exported = ckpt.load_dit(tmp / "w.pt", DIT_PRESETS["tiny"])
-    trained = _final_params(tmp / "a")
-    assert all(torch.equal(exported[k], trained[k]) for k in trained)
-    (l0,) = _spawn_train(1, [_cfg(feats, tmp / "b", steps=1, init_from=tmp / "w.pt")], tmp)
-    (l1,) = _spawn_train(1, [_cfg(feats, tmp / "c", steps=1)], tmp)
-    assert l0 != l1  # started from the trained weights, not from scratch
-    with pytest.raises(Exception):
-        _spawn_train(1, [_cfg(feats, tmp / "d", steps=1, init_from=tmp / "missing.pt")], tmp)
+    trained = _final_params(tmp / "a")  # what DCP holds after 2 steps
+    exported = torch.load(tmp / "w.pt", weights_only=True)["module"]  # the file's tensors, official keys
+    assert exported.keys() == ckpt.official_spec(cfg).keys()
+    assert all(torch.equal(exported[k], v) for k, v in ckpt.dit_to_official(trained, cfg).items())
+    other = random_params(cfg, seed=5)  # every leaf unlike upstream's init (zero gates, unit norms)
+    io.save_safetensors(other, tmp / "w.safetensors")
+    for src, want in (("w.pt", trained), ("w.safetensors", other)):
+        spawn(_loaded_params, 2, _cfg(feats, tmp / "b", init_from=tmp / src,
+                                      parallel=ParallelConfig(dp_shard=2)), str(tmp / "loaded.pt"))
+        loaded = torch.load(tmp / "loaded.pt")
+        assert loaded.keys() == want.keys() and all(torch.equal(loaded[k], want[k]) for k in want), src
+        if src == "w.pt":  # and, in the file's own (official) keys, its tensors
+            assert all(torch.equal(v, exported[k]) for k, v in ckpt.dit_to_official(loaded, cfg).items())
+    with pytest.raises(FileNotFoundError, match=re.escape(f"checkpoint not found: {tmp / 'missing.pt'}")):
+        _raise_from_train(_cfg(feats, tmp / "d", steps=1, init_from=tmp / "missing.pt"), tmp)
     bad = torch.load(tmp / "w.pt", weights_only=True)
     del bad["module"]["final_layer.linear.bias"]
     torch.save(bad, tmp / "bad.pt")
-    with pytest.raises(Exception):  # mismatched weights: never a silent start from random init
-        _spawn_train(1, [_cfg(feats, tmp / "e", steps=1, init_from=tmp / "bad.pt")], tmp)
-    assert not (tmp / "e" / "metrics.jsonl").exists()
+    msg = re.escape(f"{tmp / 'bad.pt'} (official format)") + r".*\n\s*missing \(1\): final_layer\.linear\.bias"
+    with pytest.raises(ValueError, match=msg):  # never a silent start from random init
+        _raise_from_train(_cfg(feats, tmp / "e", steps=1, init_from=tmp / "bad.pt"), tmp)
+    assert not (tmp / "d").exists() and not (tmp / "e" / "metrics.jsonl").exists()
 
 
 def test_bucket_shapes_are_checked_before_training():
