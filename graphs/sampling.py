@@ -12,6 +12,8 @@ captured once per run with torch.cuda.CUDAGraph after warm-up on a side stream, 
 replayed every step after its inputs (latents, t, dt) are copied into static buffers.
 Conditioning and parameters are read in place at their fixed addresses: a graph records
 pointers, so nothing else is copied per step.
+A step cache (hvfunc.cache) decides on the host every step: it works with compiled blocks
+(double block 0 is the same compiled block, called alone first), not inside a CUDA graph.
 Why not inductor's mode="reduce-overhead": its CUDA-graph trees see our parameters as
 plain function inputs (they are dict leaves, not nn.Module parameters), so every call of
 a block with another block's weights either copies them into static buffers or records a
@@ -28,6 +30,7 @@ from torch import Tensor
 
 from graphs.blocks import Backend, Compile, make_blocks
 from hvfunc import dit, sample
+from hvfunc.cache import StepCache
 from hvfunc.params import Params
 
 
@@ -100,10 +103,15 @@ def static_runner(step: sample.StepFn, capture: Capture = cuda_capture) -> sampl
 
 
 def denoise(params: Params, noise: Tensor, cond: sample.Cond, uncond: sample.Cond | None = None, *,
-            graphs: SampleGraphs = SampleGraphs(), backend_fn: Callable | None = None, **kw) -> Tensor:
+            graphs: SampleGraphs = SampleGraphs(), backend_fn: Callable | None = None,
+            cache: StepCache | None = None, **kw) -> Tensor:
     """hvfunc.sample.denoise with compiled blocks and, if asked, the step in a CUDA graph.
 
-    kw: cfg, sampling, image_latents, attn, callback (as hvfunc.sample.denoise)."""
+    cache: the opt-in step cache (its skip decision is a host read each step, so not with
+    cuda_graph). kw: cfg, sampling, image_latents, attn, callback, stats (as hvfunc.sample.denoise)."""
+    if graphs.cuda_graph and cache is not None and cache.enabled:
+        raise ValueError(f"cuda_graph=True and cache.kind={cache.kind!r} do not go together: the cache decides "
+                         "on the host every step, which a captured step cannot; use one of them")
     blocks = sampling_blocks(graphs, device=noise.device, backend_fn=backend_fn)
     return sample.denoise(params, noise, cond, uncond, blocks=blocks,
-                          runner=static_runner if graphs.cuda_graph else None, **kw)
+                          runner=static_runner if graphs.cuda_graph else None, cache=cache, **kw)

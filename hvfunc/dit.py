@@ -320,12 +320,17 @@ class Blocks:
 
 
 def run_blocks(params: Params, e: Embedded, *, cfg: DiTConfig, attn: AttnFn, tp: TPHooks = NO_TP,
-               blocks: Blocks = Blocks()) -> Tensor:
-    """Double then single blocks; returns this slice's video tokens [B, l, D]."""
+               blocks: Blocks = Blocks(), after_first: Callable[[Tensor], Tensor | None] | None = None) -> Tensor:
+    """Double then single blocks; returns this slice's video tokens [B, l, D].
+
+    after_first(img) sees the video tokens after double block 0 (the sampler's first-block
+    cache); a tensor it returns is the result and the remaining blocks are skipped."""
     img, txt = e.img, e.txt
     kw = dict(rope=e.rope, kv_len=e.kv_len, cfg=cfg, attn=attn, vec_first=e.vec_first, first=e.first, tp=tp)
     for i in range(cfg.mm_double_blocks_depth):
         img, txt = blocks.double(i)(sub(params, f"double_blocks.{i}."), img, txt, e.vec, **kw)
+        if i == 0 and after_first is not None and (out := after_first(img)) is not None:
+            return out
     txt_local = tp.split(txt)  # sequence parallel: single blocks split the text too
     h = torch.cat([img, txt_local], dim=1)
     for i in range(cfg.mm_single_blocks_depth):

@@ -14,7 +14,8 @@ latent (repeated over frames), else pure noise.
 
 A step (embedding, blocks, final layer, CFG, Euler) has fixed shapes and no host sync
 (text lengths are read once per run), so graphs/ can compile the blocks and capture the
-whole step in a CUDA graph without a second model code path.
+whole step in a CUDA graph without a second model code path. The opt-in step cache
+(hvfunc.cache: teacache, fbcache) decides on the host each step, so it runs outside one.
 Shapes: B batch, C latent channels, T/H/W latent frames/height/width, S text tokens.
 """
 
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from hvfunc import dit
 from hvfunc.attention import AttnFn, sdpa
+from hvfunc.cache import CacheState, CacheStats, Reduce, StepCache
 from hvfunc.config import DiTConfig, VAEConfig
 from hvfunc.flow import replace_first_frame, shift_sigmas
 from hvfunc.params import Params
@@ -167,11 +169,17 @@ def _cfg_batch(cond: Cond, uncond: Cond | None) -> Cond:
 
 def make_step(params: Params, cond: Cond, uncond: Cond | None = None, *, cfg: DiTConfig,
               sampling: Sampling = Sampling(), image_latents: Tensor | None = None, attn: AttnFn = sdpa,
-              blocks: dit.Blocks = dit.Blocks()) -> StepFn:
+              blocks: dit.Blocks = dit.Blocks(), cache: StepCache | None = None, stats: CacheStats | None = None,
+              reduce: Reduce | None = None) -> StepFn:
     """One Euler step of a run (I2V frame replace, CFG batch, embedding, blocks, final layer,
     CFG mix, Euler): conditioning, guidance and image latents are fixed here. Shapes are
     fixed for the run and nothing in the step reads the host (the text layout is read
-    once, here), so graphs/ can capture the whole step in a CUDA graph."""
+    once, here), so graphs/ can capture the whole step in a CUDA graph.
+
+    cache (hvfunc.cache): the blocks run or come from the cache; the step then keeps a
+    per-run state (call it once per step, in order), reads one float per step on the host
+    and fills `stats`. reduce: sums the cache's [2] distance sums over the ranks holding
+    other video tokens (context parallelism; None: this rank holds them all)."""
     text = _cfg_batch(cond, uncond if sampling.real_cfg else None)
     layout = dit.text_layout(text["text_mask"])  # validated and read on the host once per run
     n = text["text_states"].shape[0]  # B, or 2B with real CFG
@@ -180,11 +188,16 @@ def make_step(params: Params, cond: Cond, uncond: Cond | None = None, *, cfg: Di
     guidance = None if sampling.guidance is None else torch.full((n,), sampling.guidance, dtype=dtype,
                                                                  device=device) * 1000.0
 
+    state = _cache_state(cache, stats, reduce, cfg=cfg, steps=sampling.steps)
+
+    def run_blocks(e: dit.Embedded, after_first: Callable[[Tensor], Tensor | None] | None = None) -> Tensor:
+        return dit.run_blocks(params, e, cfg=cfg, attn=attn, blocks=blocks, after_first=after_first)
+
     def step(x: Tensor, t: Tensor, dt: Tensor) -> Tensor:
         xin = x if image_latents is None else replace_first_frame(x, image_latents)
         e = dit.embed(params, xin.repeat(n // x.shape[0], 1, 1, 1, 1), t.float().expand(n), **text, cfg=cfg,
                       guidance=guidance, attn=attn, layout=layout)
-        img = dit.run_blocks(params, e, cfg=cfg, attn=attn, blocks=blocks)
+        img = run_blocks(e) if state is None else state.run(params, e, run_blocks)
         v = dit.unpatchify(dit.final_layer(params, img, e.vec), e.grid, cfg.patch_size).float()
         if sampling.real_cfg:
             v = cfg_combine(*v.chunk(2), sampling.cfg_scale, sampling.guidance_rescale)
@@ -193,22 +206,34 @@ def make_step(params: Params, cond: Cond, uncond: Cond | None = None, *, cfg: Di
     return step
 
 
+def _cache_state(cache: StepCache | None, stats: CacheStats | None, reduce: Reduce | None, *, cfg: DiTConfig,
+                 steps: int) -> CacheState | None:
+    if cache is None or not cache.enabled:
+        return None
+    if cfg.mm_double_blocks_depth < 1:
+        raise ValueError(f"cache.kind={cache.kind} reads the first double block; this DiT has none")
+    return CacheState(cache, steps, stats=stats, **({} if reduce is None else {"reduce": reduce}))
+
+
 def denoise(params: Params, noise: Tensor, cond: Cond, uncond: Cond | None = None, *, cfg: DiTConfig,
             sampling: Sampling = Sampling(), image_latents: Tensor | None = None, attn: AttnFn = sdpa,
             blocks: dit.Blocks = dit.Blocks(), runner: Callable[[StepFn], StepFn] | None = None,
-            callback: Callable[[int, Tensor], None] | None = None) -> Tensor:
+            callback: Callable[[int, Tensor], None] | None = None, cache: StepCache | None = None,
+            stats: CacheStats | None = None) -> Tensor:
     """Sample latents [B, C, T, H, W] fp32 (I2V: frame 0 = image_latents) from `noise` of that shape.
 
     cond / uncond: text_states, text_mask, text_states_2 (uncond only used with cfg_scale > 1).
     image_latents [B, C, 1, H, W]: VAE mode x scaling factor of the reference image (I2V models).
     blocks / runner: graphs.sampling passes compiled blocks and a CUDA-graph runner (default: eager).
     callback(i, x) runs after step i (progress bars, previews).
+    cache: an opt-in step cache (hvfunc.cache.StepCache; None or kind "none": every step
+    computed); `stats` (a CacheStats) gets which steps ran and the rule's distances.
     """
     _check(noise, cond, uncond, image_latents, cfg=cfg, sampling=sampling)
     sig = sigmas(sampling.steps, sampling.shift, device=noise.device)
     t, dt = sig[:-1] * 1000, sig[1:] - sig[:-1]
     step = make_step(params, cond, uncond, cfg=cfg, sampling=sampling, image_latents=image_latents, attn=attn,
-                     blocks=blocks)
+                     blocks=blocks, cache=cache, stats=stats)
     run = runner(step) if runner else step
     x = initial_latents(noise, image_latents, stability=sampling.i2v_stability)
     with torch.no_grad():
