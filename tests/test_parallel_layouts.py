@@ -58,11 +58,28 @@ def _train(cfg, params, meshes=None, ids=(0, 1, 2, 3)) -> tuple[list[float], lis
             value = step.global_mean(loss, meshes)
         loss.backward()
         optim.set_lr(opt, OPT.lr_at(s))
-        norms.append(optim.clip_(trainable, OPT.grad_clip))
+        norms.append(_clip(trainable, meshes is not None))
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()) if value is None else value)
     return losses, norms, params
+
+
+def _clip(params: dict, sharded: bool) -> float:
+    """Clip to OPT.grad_clip; returns the norm before. One process: torch's clip_grad_norm_ (the
+    reference run is torch's own). Sharded: optim.clip_ on the DTensor gradients, checked against
+    clip_grad_norm_ on the gathered whole gradients (norm and every clipped gradient)."""
+    if not sharded:
+        return float(torch.nn.utils.clip_grad_norm_(list(params.values()), OPT.grad_clip))
+    whole = {k: torch.zeros(v.shape, requires_grad=True) for k, v in params.items()}
+    for k, v in params.items():
+        whole[k].grad = v.grad.full_tensor()
+    want = float(torch.nn.utils.clip_grad_norm_(list(whole.values()), OPT.grad_clip))
+    norm = optim.clip_(params, OPT.grad_clip)
+    assert norm == pytest.approx(want, rel=1e-6), (norm, want)
+    for k, v in params.items():
+        torch.testing.assert_close(v.grad.full_tensor(), whole[k].grad, rtol=1e-6, atol=0, msg=k)
+    return norm
 
 
 LAYOUTS = {
