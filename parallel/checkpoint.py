@@ -92,6 +92,28 @@ def load(path: str | Path, params: Params, opt: torch.optim.Optimizer | None) ->
     return json.loads((path / STATE_FILE).read_text())
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """A training checkpoint: a complete step-* folder, or a run's checkpoints/ folder holding one."""
+    path = Path(path)
+    return path.is_dir() and ((path / STATE_FILE).is_file() or latest(path) is not None)
+
+
+def trained_params(path: str | Path, *, preset: str | None = None) -> tuple[Params, str, Path]:
+    """(whole fp32 params, DiT preset, step folder) of a training checkpoint (any mesh it was
+    saved on), read without a process group. path: a step-* folder, or a run's checkpoints/
+    folder (its newest complete checkpoint). preset None: the model the run trained."""
+    from hvfunc.config import dit_preset
+    from hvfunc.dit_spec import dit_spec
+
+    path = Path(path)
+    step = latest(path) or path
+    if not (step / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} holds no complete training checkpoint (no step-*/{STATE_FILE})")
+    name = preset or json.loads((step / STATE_FILE).read_text())["model"]
+    shapes = {k: s.shape for k, s in dit_spec(dit_preset(name)).items()}
+    return load_params_single_process(step, shapes), name, step
+
+
 def load_params_single_process(path: str | Path, shapes: dict[str, tuple[int, ...]],
                                dtype: torch.dtype = torch.float32) -> Params:
     """Whole parameters from a checkpoint without a process group (export / conversion)."""

@@ -8,7 +8,11 @@ path serves every layout.
 from __future__ import annotations
 
 import os
+import resource
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -50,3 +54,30 @@ def is_main() -> bool:
 def print0(*args, **kw) -> None:
     if is_main():
         print(*args, **kw, flush=True)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak device memory allocated (CUDA; NPU through torch_npu's torch.npu); CPU: peak RSS."""
+    if device.type != "cpu":
+        return getattr(torch, device.type).max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def free_memory(device: torch.device) -> None:
+    """Return freed blocks to the device (after a model is dropped between sampling stages)."""
+    import gc
+
+    gc.collect()
+    if device.type != "cpu":
+        getattr(torch, device.type).empty_cache()
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Scripts: a user error (bad path, value, size, layout) prints one `error: ...` line and
+    exits with code 2; anything else keeps its traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -239,13 +238,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
         io.write_atomic(path, "".join(x + "\n" for x in keep).encode())
 
 
-def _peak_mem_gb(device: torch.device) -> float:
-    """Peak device memory allocated (CUDA; NPU through torch_npu's torch.npu); CPU: peak RSS."""
-    if device.type != "cpu":
-        return getattr(torch, device.type).max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
 def _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, guidance, prepare, dtype, device, start):
     batches, stop = _epochs(ds, sampler, cfg.num_workers), _Stop()
     peak_flops = bench.matmul_peak(device, dtype) * dist.get_world_size()
@@ -310,4 +302,4 @@ def _record(s, value, norm, lr, dt, batch, model, meshes, peak_flops, device, sk
     f = 3 * flops.forward_flops(model, batch=B_global, video_tokens=video, text_tokens=int(text))
     return {"step": s + 1, "loss": value, "grad_norm": norm, "lr": lr, "seconds": dt,
             "tokens_per_s": B_global * video / dt, "samples_per_s": B_global / dt, "mfu": f / dt / peak_flops,
-            "peak_mem_gb": _peak_mem_gb(device), "skipped_steps": skipped}
+            "peak_mem_gb": runtime.peak_memory_gb(device), "skipped_steps": skipped}

@@ -36,26 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hvfunc import io  # noqa: E402
 from hvfunc.config import data_preset  # noqa: E402
 from hvfunc.data import extract as ex  # noqa: E402
+from hvfunc.data.extract import ModelArgs  # noqa: E402
 from hvfunc.data.dataset import build_dataset  # noqa: E402
 from hvfunc.data.features import NOIMG_FLAG, NOIMG_KEYS, build_index, write_sample  # noqa: E402
 from hvfunc.data.report import SkipReport  # noqa: E402
 from graphs.blocks import Compile  # noqa: E402
 from graphs.vae import vae_nets  # noqa: E402
 from parallel import runtime  # noqa: E402
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelArgs:
-    """Where the VAE and text encoders come from."""
-
-    preset: Literal["tiny", "none"] = "none"
-    """tiny: build tiny random VAE / LLM / CLIP under <out>/models and load them from there."""
-    vae: Path | None = None
-    """VAE folder (pytorch_model.pt + config.json, or diffusers' vae/)."""
-    text_encoder: Path | None = None
-    """Converted LLM folder (scripts/convert.py text-encoder), or the full LLaVA folder for I2V."""
-    text_encoder_2: Path | None = None
-    """CLIP-L text model folder."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,10 +64,10 @@ class ExtractArgs:
     """VAE tiling with upstream's numbers (bounds memory on large clips)."""
     device: str = "auto"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """VAE compute dtype (features are stored fp32)."""
     compile: Literal["none", "auto", "inductor", "aot_eager"] = "none"
     """Compile the VAE encoder (static shapes: one graph per distinct tile shape; graphs.vae).
     For GPUs: on CPU compiled convolutions are slower than eager (no direct oneDNN call)."""
-    """VAE compute dtype (features are stored fp32)."""
     image_dropout_features: bool | None = None
     """Also store, per clip, the LLaVA conditioning of (same prompt, black image) that training with
     --image-dropout needs: one extra LLaVA pass per clip. None: on for I2V, off for T2V (T2V has none)."""

@@ -18,6 +18,7 @@ from hvfunc.data.dataset import VideoDataset, build_dataset, collate
 from hvfunc.data.manifest import parse_item, read_manifest
 from hvfunc.data.report import SkipReport
 from hvfunc.data.video import ClipError, decode, select_frames
+from hvfunc.media import write_mp4
 
 CFG = data_preset("tiny")
 GOOD = ["clip_0000.mp4", "clip_0001.mp4", "clip_0002.mp4", "clip_0003.mp4", "clip_0004.mp4", "clip_0005.mp4"]
@@ -36,7 +37,7 @@ def _item(path, h=64, w=96, n=41, fps=24, **kw):
 def _real(folder, name, h, w, n, fps=24):
     spec = synthetic.ClipSpec(height=h, width=w, fps=fps, num_frames=n,
                               movers=(synthetic.Mover("circle", "red", "left to right", 4, 0.5),))
-    synthetic.write_video(folder / "videos" / name, synthetic.render(spec), fps)
+    write_mp4(folder / "videos" / name, synthetic.render(spec), fps)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -29,6 +30,20 @@ from hvfunc.data.features import NOIMG_KEYS, noimg_problem, sample_path
 from hvfunc.data.video import ClipError
 from hvfunc.params import Params
 from hvfunc.text import TextEncoders, black_images, encode_prompts
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelArgs:
+    """Where the VAE and text encoders come from (scripts/extract.py and scripts/sample.py: `--models.*`)."""
+
+    preset: Literal["tiny", "none"] = "none"
+    """tiny: build tiny random VAE / LLM / CLIP under <out>/models and load them from there."""
+    vae: Path | None = None
+    """VAE folder (pytorch_model.pt + config.json, or diffusers' vae/)."""
+    text_encoder: Path | None = None
+    """Converted LLM folder (scripts/convert.py text-encoder), or the full LLaVA folder for I2V."""
+    text_encoder_2: Path | None = None
+    """CLIP-L text model folder."""
 
 
 @dataclass(frozen=True, kw_only=True)

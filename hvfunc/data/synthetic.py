@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from hvfunc import io
+from hvfunc.media import write_mp4
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (60, 100, 245), "yellow": (240, 220, 40),
            "magenta": (220, 50, 220), "cyan": (40, 220, 230), "white": (245, 245, 245)}
@@ -99,29 +99,12 @@ def render(spec: ClipSpec) -> np.ndarray:
     return frames
 
 
-def write_video(path: str | Path, frames_THWC: np.ndarray, fps: float) -> None:
-    """Encode uint8 [T, H, W, 3] (even H, W) as an mp4, atomically."""
-    import av
-
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with io.atomic_path(path) as tmp:
-        with av.open(str(tmp), mode="w", format="mp4") as out:
-            stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-            stream.height, stream.width = frames_THWC.shape[1:3]
-            stream.pix_fmt = "yuv420p"
-            stream.codec_context.gop_size = max(1, round(fps))  # a keyframe a second, as cameras write
-            stream.options = {"crf": "12"} if codec == "libx264" else {"qscale": "2"}
-            for f in frames_THWC:
-                out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
-            out.mux(stream.encode(None))
-
-
 def write_folder(folder: str | Path, specs: list[ClipSpec], names: list[str]) -> Path:
     """Write clips to `folder/videos/` and their data.json; returns the data.json path."""
     folder = Path(folder)
     items = []
     for spec, name in zip(specs, names):
-        write_video(folder / "videos" / name, render(spec), spec.fps)
+        write_mp4(folder / "videos" / name, render(spec), spec.fps)
         items.append({"path": f"videos/{name}", "cap": caption(spec), "num_frames": spec.num_frames,
                       "fps": spec.fps, "resolution": {"height": spec.height, "width": spec.width},
                       "shapes": [{"shape": m.shape, "colour": m.colour, "direction": m.direction}
