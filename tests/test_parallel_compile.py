@@ -262,8 +262,13 @@ def test_bf16_sharded_step_gathers_in_bf16_with_the_same_results(tmp):
         assert l_e == l_r, key  # cast and gather commute: the same bf16 weights, the same ops
         assert all(g_e[k].dtype == torch.float32 and torch.allclose(g_e[k], g_r[k], rtol=1e-6, atol=0)
                    for k in g_r), key  # fp32 reductions, summed in another order
-        assert abs(l_c - l_e) <= 1e-2 * abs(l_e), key  # compiled bf16: other roundings, not other math
-        assert max(float((g_c[k] - g_e[k]).norm() / g_e[k].norm().clamp_min(1e-12)) for k in g_e) <= 5e-2, key
+        # compiled (aot_eager: the same ops) vs eager bf16: the loss and every gradient are bit-equal
+        # except those of the modulation-vector embedders, whose bf16 gradient sums over all blocks
+        # in another order (measured: 2.7e-3 to 4.7e-3 relative, both layouts)
+        assert l_c == l_e, key
+        vec = [k for k in g_e if k.startswith(("time_in.", "vector_in.", "guidance_in."))]
+        assert all(torch.equal(g_c[k], g_e[k]) for k in g_e if k not in vec), key
+        assert max(float((g_c[k] - g_e[k]).norm() / g_e[k].norm()) for k in vec) <= 7e-3, key
 
 
 def test_compiled_dtensor_blocks_need_a_sharded_prepare():
