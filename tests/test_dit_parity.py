@@ -8,7 +8,10 @@ from reference import diffusers_dit, diffusers_inputs, rel_err
 from hvfunc import attention, ckpt, dit
 from hvfunc.config import DIT_PRESETS
 
-TOL = 1e-5
+# README's bound for the forward (relative to the output scale, fp32 CPU): measured 3.9e-7 to
+# 5.3e-7 against diffusers. Gradients (no README claim) through a longer chain of roundings:
+# measured up to 5.2e-6 (a k-norm weight), asserted 1e-5.
+TOL, GRAD_TOL = 1e-6, 1e-5
 
 
 def _ref_and_params(cfg, seed=0):
@@ -126,9 +129,9 @@ def test_gradients_match_diffusers(name):
     (dit.forward(params, **dict(inp, x=x_ours), cfg=cfg) * w).sum().backward()
     (ref(**diffusers_inputs(**dict(inp, x=x_ref)))[0] * w).sum().backward()
     theirs = ckpt.dit_from_diffusers({k: p.grad for k, p in ref.named_parameters()}, cfg)
-    assert rel_err(x_ours.grad, x_ref.grad) <= TOL
+    assert rel_err(x_ours.grad, x_ref.grad) <= GRAD_TOL
     worst = max((rel_err(params[k].grad, theirs[k]), k) for k in params)
-    assert worst[0] <= TOL, worst
+    assert worst[0] <= GRAD_TOL, worst
 
 
 def test_bf16_keeps_fp32_where_upstream_does():
