@@ -8,13 +8,19 @@
     python scripts/convert.py export --checkpoint runs/t2v/train/checkpoints --target dit.pt --to official
     python scripts/convert.py text-encoder --source llava-llama-3-8b-v1_1-transformers --target ckpts/text_encoder
 
+    python scripts/convert.py lora --source my_musubi_lora.safetensors --target comfy.safetensors --format comfyui
+    python scripts/convert.py merge-lora --base dit.safetensors --lora embrace_kohaya_weights.safetensors:1.0 \
+        --lora other.safetensors:0.5 --target merged.safetensors
+
 DiT: the source format is detected from its keys; every conversion is exact (reshapes,
 splits, concatenations). Text encoder: upstream's extraction of the LLaVA language model
-and tokenizer (fp16). Outputs are written atomically.
+and tokenizer (fp16). LoRA: any format to any other (docs/lora.md), and merges into DiT weights
+in fp32, written in the base dtype. Outputs are written atomically.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -133,8 +139,87 @@ def text_encoder(args: TextEncoderArgs) -> Path:
     return out
 
 
+@dataclass(frozen=True, kw_only=True)
+class LoraArgs:
+    """Convert a LoRA file to another key format (the source format is detected from its keys)."""
+
+    source: Path
+    """A LoRA .safetensors (or torch pickle) in any supported format."""
+    target: Path
+    """Output file: .safetensors, or .pt/.pth/.bin for a torch pickle."""
+    format: Literal["hvfunc", "official", "musubi", "comfyui", "diffusers", "mindspeed"]
+    """Key format to write (docs/lora.md lists which tool reads which)."""
+    dtype: Literal["keep", "fp32", "bf16", "fp16"] = "keep"
+    """Cast the adapters on the way."""
+
+
+def convert_lora(a: LoraArgs) -> Path:
+    from hvfunc import lora_formats
+
+    lo = lora_formats.read(a.source)
+    if DTYPES[a.dtype] is not None:
+        lo = dataclasses.replace(lo, tensors={k: v.to(DTYPES[a.dtype]) for k, v in lo.tensors.items()})
+    lora_formats.write(lo, a.target, a.format)
+    print(f"wrote {a.target} ({a.format}, {len(lo.modules())} modules)")
+    return a.target
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeLoraArgs:
+    """Merge LoRAs into DiT weights: W += scale * alpha/r * B @ A in fp32, written in the base dtype."""
+
+    base: Path
+    """DiT weights (official, hvfunc or diffusers; a file or a folder), also partial or pruned ones:
+    adapters are matched to weights by key."""
+    lora: Annotated[tuple[str, ...], tyro.conf.UseAppendAction]
+    """FILE[:SCALE], repeatable; several LoRAs stack (scale 1 by default)."""
+    target: Path
+    """Output: a .safetensors / .pt file, or a folder for diffusers."""
+    to: Literal["same", "official", "diffusers", "hvfunc"] = "same"
+    """Layout to write; "same" keeps the base's. Another layout needs the whole model (see --preset)."""
+    preset: str = "hunyuan-video-i2v"
+    """Architecture, used only to convert to another layout."""
+    key: str = "module"
+    """Key that wraps the weights in official .pt files ("module" or "ema")."""
+
+
+def _lora_arg(spec: str) -> tuple[Path, float]:
+    path, _, scale = spec.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if path else (Path(spec), 1.0)
+    except ValueError:
+        return Path(spec), 1.0
+
+
+def merge_lora(a: MergeLoraArgs) -> Path:
+    from hvfunc import lora, lora_formats
+
+    loras = [(lora_formats.read(p), s) for p, s in map(_lora_arg, a.lora)]
+    sd = ckpt.read_state_dict(a.base, key=a.key)
+    fmt = lora_formats.base_format(sd)
+    if a.to not in ("same", fmt):  # another layout: through the whole model
+        params, merged = lora.merge_all(ckpt.load_dit(a.base, dit_preset(a.preset), key=a.key), loras)
+        print(f"merged {len(merged)} modules from {len(loras)} LoRA file(s)")
+        return write_dit(params, a.preset, a.target, a.to, str(a.base))
+    out, merged = lora_formats.merge_state_dict(sd, loras)
+    absent = len({m for lo, _ in loras for m in lo.modules()} - set(merged))
+    print(f"merged {len(merged)} modules from {len(loras)} LoRA file(s)"
+          + (f"; {absent} modules have no weight in the base and were skipped" if absent else ""))
+    if fmt == "diffusers" and not a.target.suffix:
+        io.save_safetensors(out, a.target / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+        if (a.base / "config.json").is_file():
+            io.write_atomic(a.target / "config.json", (a.base / "config.json").read_bytes())
+    elif a.target.suffix == ".pt":
+        io.save_pickle({"module": out} if fmt == "official" else out, a.target)
+    else:
+        io.save_safetensors(out, a.target, metadata={"format": fmt, "source": str(a.base)})
+    print(f"wrote {a.target} ({fmt})")
+    return a.target
+
+
 COMMANDS = {"dit": (DitArgs, convert_dit), "export": (ExportArgs, export),
-            "text-encoder": (TextEncoderArgs, text_encoder)}
+            "text-encoder": (TextEncoderArgs, text_encoder), "lora": (LoraArgs, convert_lora),
+            "merge-lora": (MergeLoraArgs, merge_lora)}
 
 
 def main(argv: list[str] | None = None) -> Path:
