@@ -125,7 +125,7 @@ def test_t2v_equals_diffusers_encode_prompt(tok_name):
         states, pooled, mask = pipe.encode_prompt(PROMPTS, prompt_template=_diffusers_template(tpl), device="cpu",
                                                   dtype=torch.float32)
         assert ours.text_states.shape == (2, 256, 32) and ours.text_states_2.shape == (2, 24)
-        assert rel_err(ours.text_states, states) <= 1e-6 and rel_err(ours.text_states_2, pooled) <= 1e-6
+        assert torch.equal(ours.text_states, states) and torch.equal(ours.text_states_2, pooled)  # bit-exact
         assert torch.equal(ours.text_mask, mask) and ours.text_mask.dtype == torch.long
         assert ours.text_mask[0].sum() < ours.text_mask[1].sum()  # different lengths, right-padded
     one_by_one = encode_prompts(enc, PROMPTS, batch_size=1)
@@ -151,7 +151,7 @@ def test_i2v_equals_diffusers_encode_prompt(tok_name):
         states, pooled, mask = pipe.encode_prompt(ims_, prompts, prompt_template=_diffusers_template(enc.video_template),
                                                   device="cpu", dtype=torch.float32, image_embed_interleave=4)
         assert ours.text_states.shape == (2, n_img + enc.text_len - 4, 32)
-        assert rel_err(ours.text_states, states) <= 1e-6 and rel_err(ours.text_states_2, pooled) <= 1e-6
+        assert torch.equal(ours.text_states, states) and torch.equal(ours.text_states_2, pooled)  # bit-exact
         assert torch.equal(ours.text_mask, mask) and bool(ours.text_mask[:, :n_img].all())
     if tok_name == "llama3":
         assert ours.text_states.shape == (2, 144 + 252, 32)  # upstream's 144 image + 252 text tokens
@@ -225,6 +225,7 @@ def test_i2v_batch_with_truncated_prompt_follows_upstream_per_row():
                               max_sequence_length=24, dtype=torch.float32, image_embed_interleave=4)
            for p, im in zip(prompts, ims)]
     assert torch.equal(ours.text_mask, torch.cat([r[2] for r in ref]))
+    # batch of 2 (one row truncated) vs diffusers at batch 1: not bit-exact (measured 5.9e-7)
     assert rel_err(ours.text_states, torch.cat([r[0] for r in ref])) <= 1e-6
     assert bool(ours.text_mask[1].all()) and not bool(ours.text_mask[0].all())
 
