@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from hvfunc.ckpt import official_spec
 from hvfunc.config import DiTConfig
 from hvfunc.dit_spec import dit_spec
 from hvfunc.params import ZEROS, Init, ParamSpec, Params, Spec, init
@@ -169,8 +170,6 @@ def fused(lora: Lora, module: str) -> tuple[Tensor, Tensor]:
 
 def official_modules(cfg: DiTConfig) -> dict[str, tuple[int, int]]:
     """Every linear module of the official checkpoint -> (out, in), in checkpoint order."""
-    from hvfunc.ckpt import official_spec
-
     return {k[:-len(".weight")]: s.shape for k, s in official_spec(cfg).items()
             if k.endswith(".weight") and len(s.shape) == 2}
 
