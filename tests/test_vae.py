@@ -52,7 +52,7 @@ def test_encode_matches_diffusers(params, ref):
     p64 = {k: v.double() for k, v in params.items()}
     m64, l64 = vae.encode(p64, x.double(), cfg=CFG)
     post64 = diffusers_vae(CFG, p64).double().encode(x.double()).latent_dist
-    assert rel_err(m64, post64.mean) <= 1e-12 and rel_err(l64, post64.logvar) <= 1e-12
+    assert rel_err(m64, post64.mean) <= 1e-14 and rel_err(l64, post64.logvar) <= 1e-14  # measured 4.6e-16, 5.3e-16
 
 
 @torch.no_grad()
@@ -63,7 +63,7 @@ def test_decode_matches_diffusers(params, ref):
     assert rel_err(y, ref.decode(z).sample) <= 1e-5
     p64 = {k: v.double() for k, v in params.items()}
     y64 = diffusers_vae(CFG, p64).double().decode(z.double()).sample
-    assert rel_err(vae.decode(p64, z.double(), cfg=CFG), y64) <= 1e-12
+    assert rel_err(vae.decode(p64, z.double(), cfg=CFG), y64) <= 1e-14  # measured 3.6e-15
 
 
 @torch.no_grad()
