@@ -167,10 +167,25 @@ def _cfg_batch(cond: Cond, uncond: Cond | None) -> Cond:
     return {k: torch.cat([u[k].to(c[k].dtype), c[k]]) for k in COND_KEYS}
 
 
+@dataclass(frozen=True)
+class TokenSplit:
+    """A step's video tokens split over context-parallel ranks (parallel/ builds it; the model
+    only calls what it is given). Text and the modulation vectors stay whole on every rank."""
+
+    tokens: tuple[int, int]
+    """This rank's [start, end) of the video tokens (t-h-w order)."""
+    attn: AttnFn
+    """Joint attention of the blocks over [this rank's video tokens | all text] (Ulysses)."""
+    gather: Callable[[Tensor], Tensor]
+    """[B, l, F] this rank's final-layer outputs -> [B, L, F] of every rank, in token order."""
+    reduce: Reduce
+    """Sums a small tensor over the ranks (the step cache's distance sums: one decision)."""
+
+
 def make_step(params: Params, cond: Cond, uncond: Cond | None = None, *, cfg: DiTConfig,
               sampling: Sampling = Sampling(), image_latents: Tensor | None = None, attn: AttnFn = sdpa,
               blocks: dit.Blocks = dit.Blocks(), cache: StepCache | None = None, stats: CacheStats | None = None,
-              reduce: Reduce | None = None) -> StepFn:
+              reduce: Reduce | None = None, split: TokenSplit | None = None) -> StepFn:
     """One Euler step of a run (I2V frame replace, CFG batch, embedding, blocks, final layer,
     CFG mix, Euler): conditioning, guidance and image latents are fixed here. Shapes are
     fixed for the run and nothing in the step reads the host (the text layout is read
@@ -179,7 +194,8 @@ def make_step(params: Params, cond: Cond, uncond: Cond | None = None, *, cfg: Di
     cache (hvfunc.cache): the blocks run or come from the cache; the step then keeps a
     per-run state (call it once per step, in order), reads one float per step on the host
     and fills `stats`. reduce: sums the cache's [2] distance sums over the ranks holding
-    other video tokens (context parallelism; None: this rank holds them all)."""
+    other video tokens (context parallelism; None: this rank holds them all).
+    split: this rank's share of the video tokens (context parallelism; its reduce is the cache's)."""
     text = _cfg_batch(cond, uncond if sampling.real_cfg else None)
     layout = dit.text_layout(text["text_mask"])  # validated and read on the host once per run
     n = text["text_states"].shape[0]  # B, or 2B with real CFG
@@ -188,17 +204,19 @@ def make_step(params: Params, cond: Cond, uncond: Cond | None = None, *, cfg: Di
     guidance = None if sampling.guidance is None else torch.full((n,), sampling.guidance, dtype=dtype,
                                                                  device=device) * 1000.0
 
-    state = _cache_state(cache, stats, reduce, cfg=cfg, steps=sampling.steps)
+    state = _cache_state(cache, stats, reduce or (split and split.reduce), cfg=cfg, steps=sampling.steps)
+    block_attn = attn if split is None else split.attn
 
     def run_blocks(e: dit.Embedded, after_first: Callable[[Tensor], Tensor | None] | None = None) -> Tensor:
-        return dit.run_blocks(params, e, cfg=cfg, attn=attn, blocks=blocks, after_first=after_first)
+        return dit.run_blocks(params, e, cfg=cfg, attn=block_attn, blocks=blocks, after_first=after_first)
 
     def step(x: Tensor, t: Tensor, dt: Tensor) -> Tensor:
         xin = x if image_latents is None else replace_first_frame(x, image_latents)
         e = dit.embed(params, xin.repeat(n // x.shape[0], 1, 1, 1, 1), t.float().expand(n), **text, cfg=cfg,
-                      guidance=guidance, attn=attn, layout=layout)
+                      guidance=guidance, attn=attn, layout=layout, tokens=split and split.tokens)
         img = run_blocks(e) if state is None else state.run(params, e, run_blocks)
-        v = dit.unpatchify(dit.final_layer(params, img, e.vec), e.grid, cfg.patch_size).float()
+        out = dit.final_layer(params, img, e.vec)  # [n, l, F] for this rank's tokens
+        v = dit.unpatchify(out if split is None else split.gather(out), e.grid, cfg.patch_size).float()
         if sampling.real_cfg:
             v = cfg_combine(*v.chunk(2), sampling.cfg_scale, sampling.guidance_rescale)
         return euler(x, v, dt, image_latents)
@@ -219,7 +237,7 @@ def denoise(params: Params, noise: Tensor, cond: Cond, uncond: Cond | None = Non
             sampling: Sampling = Sampling(), image_latents: Tensor | None = None, attn: AttnFn = sdpa,
             blocks: dit.Blocks = dit.Blocks(), runner: Callable[[StepFn], StepFn] | None = None,
             callback: Callable[[int, Tensor], None] | None = None, cache: StepCache | None = None,
-            stats: CacheStats | None = None) -> Tensor:
+            stats: CacheStats | None = None, split: TokenSplit | None = None) -> Tensor:
     """Sample latents [B, C, T, H, W] fp32 (I2V: frame 0 = image_latents) from `noise` of that shape.
 
     cond / uncond: text_states, text_mask, text_states_2 (uncond only used with cfg_scale > 1).
@@ -228,12 +246,13 @@ def denoise(params: Params, noise: Tensor, cond: Cond, uncond: Cond | None = Non
     callback(i, x) runs after step i (progress bars, previews).
     cache: an opt-in step cache (hvfunc.cache.StepCache; None or kind "none": every step
     computed); `stats` (a CacheStats) gets which steps ran and the rule's distances.
+    split: context parallelism (TokenSplit): every rank of the group returns the whole latents.
     """
     _check(noise, cond, uncond, image_latents, cfg=cfg, sampling=sampling)
     sig = sigmas(sampling.steps, sampling.shift, device=noise.device)
     t, dt = sig[:-1] * 1000, sig[1:] - sig[:-1]
     step = make_step(params, cond, uncond, cfg=cfg, sampling=sampling, image_latents=image_latents, attn=attn,
-                     blocks=blocks, cache=cache, stats=stats)
+                     blocks=blocks, cache=cache, stats=stats, split=split)
     run = runner(step) if runner else step
     x = initial_latents(noise, image_latents, stability=sampling.i2v_stability)
     with torch.no_grad():

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from graphs import backends
 from graphs.sampling import SampleGraphs, sampling_blocks, static_runner
 from hvfunc import ckpt, dit_spec, io, media, params, pipeline, sample
+from hvfunc.cache import CacheStats
 from hvfunc.config import dit_preset
 from hvfunc.data import extract as ex
 from hvfunc.vae import Tiling
@@ -100,10 +101,32 @@ def _load_dit(cfg: SampleConfig, device: torch.device) -> tuple[dict, str]:
 
 
 def _graphs(cfg: SampleConfig, device: torch.device) -> SampleGraphs:
-    on = cfg.cuda_graph == "on" or (cfg.cuda_graph == "auto" and device.type == "cuda" and cfg.parallel.cp == 1)
+    on = cfg.cuda_graph == "on" or (cfg.cuda_graph == "auto" and device.type == "cuda" and cfg.parallel.cp == 1
+                                    and not cfg.cache.enabled)
     if on and device.type != "cuda":
         raise ValueError(f"--cuda-graph on needs a CUDA device; running on {device}")
     return SampleGraphs(backend=cfg.compile.backend, cuda_graph=on)
+
+
+def _split(mesh, n_tokens: int, attn) -> sample.TokenSplit:
+    """Ulysses over the cp group: contiguous equal token slices in rank order."""
+    from parallel import collectives
+
+    n, r, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
+    l = n_tokens // n
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(n)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    return sample.TokenSplit(tokens=(r * l, (r + 1) * l), attn=collectives.ulysses(attn, mesh, num_img=l),
+                             gather=gather, reduce=reduce)
 
 
 def _video(cfg: SampleConfig, p: Plan, job: sj.Job, cond: pipeline.Conditioning, models: dict, ranks: Ranks,
@@ -123,12 +146,19 @@ def _video(cfg: SampleConfig, p: Plan, job: sj.Job, cond: pipeline.Conditioning,
         bar.update(1)
         bar.set_postfix(s_per_step=f"{(time.perf_counter() - t0) / (i + 1):.2f}")
 
+    split = None
+    if ranks.mesh is not None:
+        split = _split(ranks.mesh, noise.shape[2] * (noise.shape[3] // 2) * (noise.shape[4] // 2), models["attn"])
+    stats = CacheStats()
     lat = sample.denoise(models["dit"], noise, {k: v.to(device) for k, v in cond.cond.items()},
                          None if cond.uncond is None else {k: v.to(device) for k, v in cond.uncond.items()},
                          cfg=model, sampling=cfg.sampling, image_latents=image_lat, attn=models["attn"],
-                         blocks=models["blocks"], runner=models["runner"], callback=tick)
+                         blocks=models["blocks"], runner=models["runner"], callback=tick, cache=cfg.cache,
+                         stats=stats, split=split)
     bar.close()
-    return lat, {"computed": cfg.sampling.steps, "skipped": 0}
+    if not cfg.cache.enabled:
+        return lat, {"computed": cfg.sampling.steps, "skipped": 0}
+    return lat, {"computed": stats.computed, "skipped": stats.skipped, "pattern": stats.pattern}
 
 
 def run(cfg: SampleConfig) -> list[Path]:

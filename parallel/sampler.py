@@ -26,6 +26,7 @@ import tyro
 
 from graphs.blocks import Compile
 from hvfunc import media, sample, vae
+from hvfunc.cache import StepCache
 from hvfunc.config import VAE_PRESETS, dit_preset
 from hvfunc.data.extract import ModelArgs
 from parallel import sample_jobs as sj
@@ -92,6 +93,8 @@ class SampleConfig:
     """Compiled blocks (static shapes: one compile per resolution)."""
     cuda_graph: Literal["auto", "on", "off"] = "auto"
     """Capture the whole step in a CUDA graph; auto: on CUDA without a step cache or cp."""
+    cache: StepCache = field(default_factory=StepCache)
+    """Opt-in step cache (changes results; never on by default): --cache.kind teacache|fbcache."""
     vae_tiling: bool = True
     """Tiled VAE decode with upstream's numbers (bounded memory at 720p x 129 frames)."""
     parallel: SampleParallel = field(default_factory=lambda: SampleParallel())
@@ -193,6 +196,9 @@ def plan(cfg: SampleConfig) -> Plan:
     if cfg.num_videos < 1 or cfg.fps < 1 or cfg.parallel.cp < 1:
         raise ValueError(f"--num-videos ({cfg.num_videos}), --fps ({cfg.fps}) and --parallel.cp ({cfg.parallel.cp}) must be >= 1")
     i2v = model.i2v_condition_type is not None
+    if cfg.cuda_graph == "on" and cfg.cache.enabled:
+        raise ValueError(f"--cuda-graph on captures the whole step, but --cache.kind {cfg.cache.kind} decides on "
+                         "the host each step: use one of them")
     _check_weights(cfg)
     prompts = _prompts(cfg)
     images = _images(cfg, len(prompts), i2v)
@@ -204,7 +210,7 @@ def plan(cfg: SampleConfig) -> Plan:
             jobs.append(sj.Job(index=len(jobs), prompt=prompt, seed=cfg.seed + k, height=h, width=w, image=image,
                                exact_resize=exact))
     real_cfg = cfg.sampling.real_cfg
-    settings = {"model": cfg.model, "frames": cfg.frames, "fps": cfg.fps, "sampling": asdict(cfg.sampling),
+    settings = {"model": cfg.model, "frames": cfg.frames, "fps": cfg.fps, "sampling": asdict(cfg.sampling), "cache": asdict(cfg.cache),
                 "negative_prompt": cfg.negative_prompt if real_cfg else None, "dtype": cfg.dtype,
                 "vae_dtype": cfg.vae_dtype, "text_dtype": cfg.text_dtype, "vae_tiling": cfg.vae_tiling,
                 "dit": sj.file_identity(cfg.dit), "random_dit": cfg.dit is None,

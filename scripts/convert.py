@@ -102,16 +102,9 @@ class ExportArgs:
 
 
 def export(a: ExportArgs) -> Path:
-    from hvfunc.dit_spec import dit_spec
     from parallel import checkpoint
 
-    path = checkpoint.latest(a.checkpoint) or a.checkpoint
-    state = json.loads((path / checkpoint.STATE_FILE).read_text()) if (path / checkpoint.STATE_FILE).is_file() else {}
-    if not (path / checkpoint.STATE_FILE).is_file():
-        raise FileNotFoundError(f"{a.checkpoint} holds no complete training checkpoint (no step-*/trainer.json)")
-    preset = a.preset or state["model"]
-    shapes = {k: s.shape for k, s in dit_spec(dit_preset(preset)).items()}
-    params = checkpoint.load_params_single_process(path, shapes)
+    params, preset, path = checkpoint.trained_params(a.checkpoint, preset=a.preset)
     if DTYPES[a.dtype] is not None:
         params = {k: v.to(DTYPES[a.dtype]) for k, v in params.items()}
     return write_dit(params, preset, a.target, a.to, str(path))
