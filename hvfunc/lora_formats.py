@@ -291,6 +291,15 @@ def _format_metadata(fmt: str, lora: Lora, ranks: dict[str, tuple[int, float]]) 
     return {"format": "pt", _PEFT_META: json.dumps({f"transformer.{k}": v for k, v in cfg.items()})}
 
 
+def parse_spec(spec: str) -> tuple[Path, float]:
+    """FILE[:SCALE] (command lines: several LoRAs with scales) -> (path, scale); scale 1 by default."""
+    path, _, scale = spec.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if path else (Path(spec), 1.0)
+    except ValueError:
+        return Path(spec), 1.0
+
+
 def read(path: str | Path, fmt: str = "auto") -> Lora:
     """A LoRA file (.safetensors or a torch pickle) in any format -> adapters in hvfunc's layout."""
     path = Path(path)

@@ -86,7 +86,22 @@ def _text_stage(cfg: SampleConfig, p: Plan, jobs: list[sj.Job], llm: Path, clip:
 
 
 def _load_dit(cfg: SampleConfig, device: torch.device) -> tuple[dict, str]:
-    """Compute-dtype DiT params on `device` and a description of where they came from."""
+    """Compute-dtype DiT params on `device` (LoRAs merged) and a description of where they came from."""
+    params, source = _read_dit(cfg, device)
+    if not cfg.lora:
+        return params, source
+    from hvfunc import lora, lora_formats
+
+    loras = []
+    for path, scale in map(lora_formats.parse_spec, cfg.lora):
+        lo = lora_formats.read(path)
+        lora.check(lo, dit_preset(cfg.model))
+        loras.append((lo, scale))
+    params, merged = lora.merge_all(params, loras)  # fp32 math, cast back to the compute dtype
+    return params, f"{source} + {len(merged)} LoRA modules from {list(cfg.lora)}"
+
+
+def _read_dit(cfg: SampleConfig, device: torch.device) -> tuple[dict, str]:
     model, dtype = dit_preset(cfg.model), DTYPES[cfg.dtype]
     if cfg.dit is None:  # tiny presets only (plan checked): upstream's init, a smoke test
         spec = dit_spec.dit_spec(model)

@@ -29,6 +29,7 @@ from hvfunc import media, sample, vae
 from hvfunc.cache import StepCache
 from hvfunc.config import VAE_PRESETS, dit_preset
 from hvfunc.data.extract import ModelArgs
+from hvfunc.lora_formats import parse_spec
 from parallel import sample_jobs as sj
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,6 +79,9 @@ class SampleConfig:
     """DiT weights: official .pt, diffusers folder, hvfunc safetensors, or a training run's
     checkpoints/ folder or one step-* checkpoint. None (tiny presets only): random weights."""
     models: ModelArgs = field(default_factory=ModelArgs)
+    lora: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """LoRA FILE[:SCALE], repeatable (any format of docs/lora.md; several stack): merged into the DiT
+    once at load, in fp32, so steps cost nothing extra."""
     bucket_base: int = 960
     """I2V buckets without --height/--width: upstream's base size (720p 960, 540p 720, 360p 480)."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
@@ -181,6 +185,9 @@ def _check_weights(cfg: SampleConfig) -> None:
                          "checkpoints/)")
     if cfg.dit is not None and not cfg.dit.exists():
         raise ValueError(f"--dit {cfg.dit} does not exist")
+    for path, _ in map(parse_spec, cfg.lora):
+        if not path.is_file():
+            raise ValueError(f"--lora {path} does not exist")
     given = {k: getattr(cfg.models, k) for k in ("vae", "text_encoder", "text_encoder_2")}
     if not cfg.random_models and None in given.values():
         raise ValueError("give --models.vae, --models.text-encoder and --models.text-encoder-2 (or, with a tiny "
@@ -214,6 +221,7 @@ def plan(cfg: SampleConfig) -> Plan:
                 "negative_prompt": cfg.negative_prompt if real_cfg else None, "dtype": cfg.dtype,
                 "vae_dtype": cfg.vae_dtype, "text_dtype": cfg.text_dtype, "vae_tiling": cfg.vae_tiling,
                 "dit": sj.file_identity(cfg.dit), "random_dit": cfg.dit is None,
+                "lora": [(sj.file_identity(p), scale) for p, scale in map(parse_spec, cfg.lora)],
                 "models": {k: sj.file_identity(getattr(cfg.models, k)) for k in ("vae", "text_encoder",
                                                                                  "text_encoder_2")},
                 "random_models": cfg.random_models}

@@ -176,18 +176,10 @@ class MergeLoraArgs:
     """Key that wraps the weights in official .pt files ("module" or "ema")."""
 
 
-def _lora_arg(spec: str) -> tuple[Path, float]:
-    path, _, scale = spec.rpartition(":")
-    try:
-        return (Path(path), float(scale)) if path else (Path(spec), 1.0)
-    except ValueError:
-        return Path(spec), 1.0
-
-
 def merge_lora(a: MergeLoraArgs) -> Path:
     from hvfunc import lora, lora_formats
 
-    loras = [(lora_formats.read(p), s) for p, s in map(_lora_arg, a.lora)]
+    loras = [(lora_formats.read(p), s) for p, s in map(lora_formats.parse_spec, a.lora)]
     sd = ckpt.read_state_dict(a.base, key=a.key)
     fmt = lora_formats.base_format(sd)
     if a.to not in ("same", fmt):  # another layout: through the whole model

@@ -181,3 +181,34 @@ def test_training_checkpoint_as_weights(tmp_path):
     assert torch.equal(got["file"], got["run"]) and torch.equal(got["file"], got["step"])
     r = cli("tiny-i2v", *extra, "--dit", str(ck), "--image", str(tmp_path / "x.png"), "--out", str(tmp_path / "x"))
     assert r.returncode == 2  # the image is missing: caught before the checkpoint is read
+
+
+def test_lora_at_sampling_equals_the_merged_weights(tmp_path):
+    """--lora FILE[:SCALE] (a musubi file, two halves stacked) samples exactly like the weights
+    that `convert.py merge-lora` writes, and differs from the base."""
+    from hvfunc import lora, lora_formats
+    from hvfunc.config import DIT_PRESETS
+
+    files = write_models(tmp_path, i2v=False)
+    lo = lora.init_lora(DIT_PRESETS["tiny"], lora.LoraConfig(rank=4, alpha=2.0))
+    g = torch.Generator().manual_seed(1)
+    lo = lora.Lora({k: torch.randn(v.shape, generator=g) * 0.2 for k, v in lo.tensors.items()}, lo.alpha)
+    lora_formats.write(lo, tmp_path / "style.safetensors", "musubi")
+    merged = tmp_path / "merged.pt"
+    subprocess.run([sys.executable, "scripts/convert.py", "merge-lora", "--base", str(files["dit"]), "--lora",
+                    str(tmp_path / "style.safetensors"), "--target", str(merged)], cwd=ROOT, check=True, env=ENV,
+                   capture_output=True)
+    extra = ["--prompt", "a red circle", "--steps", "2", "--frames", "5", "--save-latents", "--height", "32",
+             "--width", "32", *weights(files)[2:]]
+    style = str(tmp_path / "style.safetensors")
+    runs = {"base": ["--dit", str(files["dit"])], "merged": ["--dit", str(merged)],
+            "lora": ["--dit", str(files["dit"]), "--lora", f"{style}:0.5", "--lora", f"{style}:0.5"]}
+    got = {}
+    for name, args in runs.items():
+        r = cli("tiny", *extra, *args, "--out", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr[-1500:]
+        got[name] = next(iter(latents(tmp_path / name).values()))
+    assert torch.equal(got["lora"], got["merged"])
+    assert rel_err(got["lora"], got["base"]) > 1e-3
+    side = json.loads(next((tmp_path / "lora").glob("*.json")).read_text())
+    assert [s for _, s in side["settings"]["lora"]] == [0.5, 0.5] and "LoRA modules" in side["dit_source"]
