@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -118,5 +119,7 @@ def load_params_single_process(path: str | Path, shapes: dict[str, tuple[int, ..
                                dtype: torch.dtype = torch.float32) -> Params:
     """Whole parameters from a checkpoint without a process group (export / conversion)."""
     out = {k: torch.empty(s, dtype=dtype) for k, s in shapes.items()}
-    dcp.load({"params": out}, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():  # no_dist is the intent, also when a process group exists
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"params": out}, checkpoint_id=str(path), no_dist=True)
     return out

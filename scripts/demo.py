@@ -7,6 +7,8 @@
    metrics.jsonl
 4. a loss curve (loss.png) and the learning criterion: the mean loss of the last quarter of
    the steps must be at most 0.9 x the first quarter's (exit code 1 otherwise)
+5. scripts/sample.py from the trained checkpoint, for a training caption (I2V: its clip's
+   first frame as the reference image), with the extraction's VAE and text encoders -> mp4
 Every step is a real script run as a user would run it; rerunning resumes where it stopped.
 """
 
@@ -38,6 +40,8 @@ class DemoConfig:
     """Training processes (gloo, FSDP over all of them)."""
     steps: int = 60
     """Optimizer steps."""
+    sample_steps: int = 20
+    """Euler steps of the sampling stage."""
     task: str = "t2v"
     """t2v, or i2v (token_replace: first-frame latent and LLaVA image input)."""
     compile: Literal["none", "auto", "inductor", "aot_eager"] = "none"
@@ -89,7 +93,32 @@ def main(cfg: DemoConfig) -> int:
           f"criterion <= 0.90): {'LEARNED' if learned else 'NOT LEARNED'}")
     print(f"checkpoint: {(out / 'train' / 'checkpoints' / 'latest').read_text()}, metrics: "
           f"{out / 'train' / 'metrics.jsonl'}, curve: {out / 'train' / 'loss.png'}")
+    videos = sample(cfg, out, preset)
+    print(f"samples: {', '.join(map(str, videos))} (the demo's VAE is random, so the frames show noise)")
     return 0 if learned else 1
+
+
+def sample(cfg: DemoConfig, out: Path, preset: str) -> list[Path]:
+    """Sample a training caption from the trained checkpoint with the extraction's models."""
+    from hvfunc.data.features import read_index
+
+    rec = read_index(out / "features")[0]
+    models = out / "features" / "models"
+    llm = models / ("text_encoder_i2v" if cfg.task == "i2v" else "text_encoder")
+    cmd = [sys.executable, "scripts/sample.py", preset, "--prompt", rec["caption"], "--dit",
+           str(out / "train" / "checkpoints"), "--models.vae", str(models / "vae"), "--models.text-encoder", str(llm),
+           "--models.text-encoder-2", str(models / "text_encoder_2"), "--height", str(rec["height"]), "--width",
+           str(rec["width"]), "--frames", str(rec["frames"]), "--steps", str(cfg.sample_steps), "--seed",
+           str(cfg.seed), "--out", str(out / "samples")]
+    if cfg.task == "i2v":  # the clip's first frame as the reference image
+        from PIL import Image
+
+        from hvfunc.data.video import decode
+
+        Image.fromarray(decode(rec["source"], [0]).numpy()[0]).save(out / "reference.png")
+        cmd += ["--image", str(out / "reference.png")]
+    run(cmd, env={"OMP_NUM_THREADS": "1"})
+    return sorted((out / "samples").glob("*.mp4"))
 
 
 if __name__ == "__main__":
