@@ -6,6 +6,7 @@
                                                          # diffusers with gradient checkpointing
     python scripts/bench.py sample                       # one sampling step (forward + Euler): eager,
                                                          # compiled blocks, CUDA graph (on CUDA) vs diffusers
+    python scripts/bench.py sample --cache-thresholds 0.05 0.1 0.15   # whole runs: step caches vs uncached
     python scripts/bench.py vae [--preset hunyuan-video --frames 9 --height 128 --width 128]
     python scripts/bench.py decode          # decord vs PyAV per clip
     python scripts/bench.py extract         # feature extraction clips/s, tiny models
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     name, run = next((k, fn) for k, (c, fn) in BENCHES.items() if type(cfg) is c)  # configs subclass DiTBench
     rows = run(cfg)
     print(f"machine: {bench.machine()}")
-    print(bench.markdown(rows, COLS.get(name)))
+    cached = getattr(cfg, "cache_thresholds", ())  # sample --cache-thresholds: whole-run rows
+    print(bench.markdown(rows, bench_sample.CACHE_COLS if cached else COLS.get(name)))
     if cfg.json:
         bench.save_json(rows, cfg.json, config=vars(cfg))
     return rows

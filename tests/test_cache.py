@@ -230,3 +230,22 @@ def test_reduce_hook_two_token_halves_take_the_whole_decision(kind, thr):
         assert rel_err(torch.cat([a, b], dim=1), w) <= 1e-6
     for d0, d in zip(states[0].stats.indicators, whole.stats.indicators):
         assert (d0 is None and d is None) or abs(d0 - d) <= 1e-5 * abs(d)
+
+
+def test_cache_bench_rows():
+    """bench sample --cache-thresholds: threshold 0 is the uncached run (error 0, PSNR inf); a huge
+    threshold computes what the rules force (teacache first + last, fbcache the first)."""
+    import math
+
+    from graphs.bench_sample import SampleBench, run
+
+    b = SampleBench(hidden=64, heads=2, double=1, single=1, frames=2, height=8, width=8, text_len=8, text_dim=32,
+                    steps=4, repeats=1, cache_thresholds=(0.0, 1e9))
+    rows = {r["impl"]: r for r in run(b)}
+    assert list(rows) == ["uncached", "teacache 0", "teacache 1e+09", "fbcache 0", "fbcache 1e+09"]
+    for name in ("uncached", "teacache 0", "fbcache 0"):
+        r = rows[name]
+        assert r["dit_evals"] == 4 and r["latents_rel_err"] == r["frames_rel_err"] == 0
+        assert r["frames_psnr_db"] == math.inf
+    assert rows["teacache 1e+09"]["dit_evals"] == 2 and rows["fbcache 1e+09"]["dit_evals"] == 1
+    assert rows["fbcache 1e+09"]["latents_rel_err"] > 0 and math.isfinite(rows["fbcache 1e+09"]["frames_psnr_db"])
