@@ -129,6 +129,7 @@ def test_cp2_equals_one_rank(tmp_path, i2v):
     a, b = latents(tmp_path / "one"), latents(tmp_path / "cp2")
     assert list(a) == list(b) and len(a) == 1
     (k, x), y = next(iter(a.items())), next(iter(b.values()))
+    print(f"cp 2 vs one rank: {rel_err(y, x):.2e} relative")  # docs/inference.md quotes it (pytest -s)
     assert rel_err(y, x) <= 1e-5, rel_err(y, x)
     assert rel_err(x, torch.zeros_like(x)) > 0  # non-degenerate weights: the DiT moved the latents
     assert json.loads((tmp_path / "cp2" / k.replace(".latents.safetensors", ".json")).read_text())["ranks"]["cp"] == 2

@@ -82,6 +82,7 @@ def _check_outputs(out: Path, files: dict, want_unit_BTCHW: torch.Tensor, vae) -
     video = pipeline.decode(vae[0], lat[None], cfg=vae[1])  # [1, 3, T, H, W], about [-1, 1]
     ours = media.to_unit(video)
     err = rel_err(ours.permute(0, 2, 1, 3, 4), want_unit_BTCHW)
+    print(f"decoded video vs diffusers: {err:.2e} relative")  # docs/inference.md quotes it (pytest -s)
     assert err <= 1e-4, err
     frames = read_video(mp4s[0], list(range(T)), backend="pyav")  # reads back: frame count, size
     assert frames.shape[0] == T and tuple(frames.shape[1:3]) == (H, W)
