@@ -10,6 +10,7 @@
     python scripts/bench.py vae [--preset hunyuan-video --frames 9 --height 128 --width 128]
     python scripts/bench.py decode          # decord vs PyAV per clip
     python scripts/bench.py extract         # feature extraction clips/s, tiny models
+    python scripts/bench.py pipeline        # end-to-end T2V (text, denoise, decode) vs diffusers' pipeline
 
 Each row compares ours with the reference (diffusers) in the same run on the same
 machine; `ratio` = ours / reference time (< 1: ours is faster).
@@ -24,18 +25,20 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from graphs import bench, bench_data, bench_sample, bench_vae  # noqa: E402
+from graphs import bench, bench_data, bench_pipeline, bench_sample, bench_vae  # noqa: E402
 from graphs.bench_dit import DiTBench, TrainBench, bench_dit  # noqa: E402
 
 _DIT_COLS = ["bench", "impl", "seconds", "ratio", "tokens_per_s", "tflops", "mfu", "peak_mem_gb", "dtype"]
 COLS = {"dit": _DIT_COLS, "train": _DIT_COLS,
         "sample": ["bench", "impl", "seconds", "ratio", "rel_err", "tokens_per_s", "tflops", "mfu", "peak_mem_gb",
-                   "dtype"]}
+                   "dtype"],
+        "pipeline": bench_pipeline.COLS}
 BENCHES = {"dit": (DiTBench, bench_dit), "train": (TrainBench, bench_dit), "sample": (bench_sample.SampleBench,
                                                                                   bench_sample.run),
            "vae": (bench_vae.VAEBench, bench_vae.run),
            "decode": (bench_data.DecodeBench, bench_data.run),
-           "extract": (bench_data.ExtractBench, bench_data.run_extract)}
+           "extract": (bench_data.ExtractBench, bench_data.run_extract),
+           "pipeline": (bench_pipeline.PipelineBench, bench_pipeline.run)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -6,6 +6,7 @@
 #                                            # sampling-step bench at full width
 #   bash scripts/gpu_check.sh recompute      # train step with selective recompute and with offload
 #   MODES=offload bash scripts/gpu_check.sh offload recompute   # the offload GPU test and bench only
+#   bash scripts/gpu_check.sh pipeline       # end-to-end T2V vs diffusers' pipeline (fp32, real VAE, 18k tokens)
 # Results go to $OUT. Wheels the image lacks (diffusers, tyro, ...) travel in .whl/.
 # DRY=1 runs every command on this CPU with tiny shapes (catches broken commands before a
 # GPU session; the GPU tests skip themselves there). BUDGET=seconds (default 560) ends the
@@ -27,6 +28,7 @@ if [ "${DRY:-0}" = 1 ]; then
   FULL="--hidden 64 --heads 2 --double 1 --single 1 --text-len 8 --text-dim 32 --dtype fp32 --device cpu"
   DIT_SHAPE="--frames 2 --height 8 --width 8"; TRAIN_SHAPE=$DIT_SHAPE; VAE="--preset tiny --device cpu --dtype fp32"
   COMPILE=aot_eager
+  PIPE="--hidden 32 --heads 2 --double 1 --single 1 --text-width 32 --frames 5 --height 32 --width 32 --steps 2 --device cpu"
 else
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -39,6 +41,7 @@ else
   TRAIN_SHAPE="--frames 9 --height 90 --width 160"  # 720p, 33 frames: 32,400 video tokens
   VAE="--preset hunyuan-video --device cuda --dtype fp16"
   COMPILE=inductor
+  PIPE="--hidden 3072 --heads 24 --double 2 --single 4 --text-width 256 --vae hunyuan-video --frames 33 --height 544 --width 960 --steps 4 --device cuda"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 fi
 $PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
@@ -76,6 +79,9 @@ for section in "$@"; do
         cap 240 $PY scripts/bench.py train $FULL $TRAIN_SHAPE --repeats 3 --recompute-mode $mode \
           --compile $COMPILE --json "$OUT/train_$mode.json" 2>&1 | tee "$OUT/train_$mode.log" | grep -v Warning
       done ;;
+    pipeline)  # end-to-end sampling, ours vs HunyuanVideoPipeline: seconds per stage, peak memory, video error
+      cap 240 $PY scripts/bench.py pipeline $PIPE --repeats 3 --json "$OUT/pipeline.json" 2>&1 \
+        | tee "$OUT/pipeline.log" | grep -v Warning ;;
   esac
 done
 # The device tool returns at most 8 files: pack them into one.
