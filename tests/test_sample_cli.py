@@ -213,3 +213,18 @@ def test_lora_at_sampling_equals_the_merged_weights(tmp_path):
     assert rel_err(got["lora"], got["base"]) > 1e-3
     side = json.loads(next((tmp_path / "lora").glob("*.json")).read_text())
     assert [s for _, s in side["settings"]["lora"]] == [0.5, 0.5] and "LoRA modules" in side["dit_source"]
+
+
+def test_cp2_with_step_cache_takes_one_rank_decisions(tmp_path):
+    """teacache on cp 2: the ranks hold different video tokens but agree on every skip (their
+    distance sums are all-reduced), so pattern and latents are one rank's."""
+    files = write_models(tmp_path, i2v=False)
+    extra = ["--prompt", "A red circle moves.", "--steps", "8", "--frames", "9", "--save-latents", *weights(files),
+             "--height", "64", "--width", "48", "--cache.kind", "teacache", "--cache.threshold", "0.3"]
+    one = cli("tiny", *extra, "--out", str(tmp_path / "one"))
+    two = cli("tiny", *extra, "--out", str(tmp_path / "cp2"), "--parallel.cp", "2", ranks=2)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1500:], two.stderr[-1500:])
+    steps = [json.loads(next((tmp_path / d).glob("*.json")).read_text())["steps"] for d in ("one", "cp2")]
+    assert steps[0] == steps[1] and 0 < steps[0]["skipped"] < 8, steps
+    a, b = next(iter(latents(tmp_path / "one").values())), next(iter(latents(tmp_path / "cp2").values()))
+    assert rel_err(b, a) <= 1e-5, rel_err(b, a)
