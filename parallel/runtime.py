@@ -81,3 +81,37 @@ def user_errors() -> Iterator[None]:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+class LineProgress:
+    """tqdm's update / set_postfix / close for logs: one line every `every` updates (and at the
+    end) instead of hundreds of carriage-return redraws in a file."""
+
+    def __init__(self, total: int, *, desc: str, unit: str, initial: int = 0, every: int | None = None):
+        import time
+
+        self.total, self.desc, self.unit, self.n, self.start = total, desc, unit, initial, initial
+        self.every, self.postfix, self.t0, self._clock = every or max(1, total // 20), "", time.perf_counter(), \
+            time.perf_counter
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        if self.n % self.every == 0 or self.n == self.total:
+            rate = (self._clock() - self.t0) / max(1, self.n - self.start)
+            print(f"{self.desc}: {self.n}/{self.total} {self.unit}s, {rate:.2f} s/{self.unit}"
+                  + (f", {self.postfix}" if self.postfix else ""), file=sys.stderr, flush=True)
+
+    def set_postfix(self, **kw) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int, *, desc: str, unit: str, enabled: bool = True, initial: int = 0):
+    """A tqdm bar on a terminal, LineProgress lines when stderr is a log file; nothing when not enabled."""
+    from tqdm import tqdm
+
+    if enabled and not sys.stderr.isatty():
+        return LineProgress(total, desc=desc, unit=unit, initial=initial)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled)

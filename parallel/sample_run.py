@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from graphs import backends
 from graphs.sampling import SampleGraphs, sampling_blocks, static_runner
@@ -154,7 +153,7 @@ def _video(cfg: SampleConfig, p: Plan, job: sj.Job, cond: pipeline.Conditioning,
     if p.i2v:
         x = media.image_tensor(media.load_image(job.image), job.height, job.width, exact=job.exact_resize)
         image_lat = pipeline.image_latents(vparams, x[None].to(device), cfg=vcfg)
-    bar = tqdm(total=cfg.sampling.steps, desc=job.stem[:40], unit="step", disable=not ranks.lead)
+    bar = runtime.progress(cfg.sampling.steps, desc=job.stem[:40], unit="step", enabled=ranks.lead)
     t0 = time.perf_counter()
 
     def tick(i: int, x: torch.Tensor) -> None:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from graphs import bench, bench_data, bench_pipeline, bench_sample, bench_vae  # noqa: E402
 from graphs.bench_dit import DiTBench, TrainBench, bench_dit  # noqa: E402
+from parallel import runtime  # noqa: E402
 
 _DIT_COLS = ["bench", "impl", "seconds", "ratio", "tokens_per_s", "tflops", "mfu", "peak_mem_gb", "dtype"]
 COLS = {"dit": _DIT_COLS, "train": _DIT_COLS,
@@ -54,4 +55,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    with runtime.user_errors():
+        main()

@@ -29,7 +29,6 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import tyro
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -115,7 +114,7 @@ def main(a: ExtractArgs) -> None:
     if redo:
         print(f"rank {rank}: re-extracting {len(redo)} clips whose files lack {list(NOIMG_KEYS)} or cannot be read "
               f"(e.g. {redo[0]}); --image-dropout-features False keeps them as they are", flush=True)
-    bar = tqdm(total=sum(len(b) for b in todo), disable=rank != 0, unit="clip", desc="extract")
+    bar = runtime.progress(sum(len(b) for b in todo), enabled=rank == 0, unit="clip", desc="extract")
     start = time.perf_counter()
     for b in todo:
         for record, tensors in ex.extract(models, ds, b, seed=a.seed, task=a.task, device=device, dtype=dtype,
@@ -151,4 +150,6 @@ def _finish(a: ExtractArgs, ds, models: ex.Models, device: torch.device, world: 
 
 
 if __name__ == "__main__":
-    main(tyro.cli(ExtractArgs))
+    args = tyro.cli(ExtractArgs)
+    with runtime.user_errors():
+        main(args)

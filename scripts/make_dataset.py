@@ -15,6 +15,7 @@ import tyro
 from hvfunc.config import data_preset
 from hvfunc.data.dataset import build_dataset
 from hvfunc.data.synthetic import make_dataset
+from parallel import runtime
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,4 +40,6 @@ def main(cfg: MakeDatasetConfig) -> Path:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(MakeDatasetConfig))
+    args = tyro.cli(MakeDatasetConfig)
+    with runtime.user_errors():
+        main(args)

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hvfunc.config import dit_preset  # noqa: E402
 from hvfunc.dit_spec import dit_spec  # noqa: E402
-from parallel import planning  # noqa: E402
+from parallel import planning, runtime  # noqa: E402
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,4 +28,5 @@ class PlanArgs:
 
 if __name__ == "__main__":
     args = tyro.cli(PlanArgs)
-    print(planning.table(planning.rows(dit_spec(dit_preset(args.model)))))
+    with runtime.user_errors():
+        print(planning.table(planning.rows(dit_spec(dit_preset(args.model)))))
