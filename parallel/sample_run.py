@@ -39,15 +39,15 @@ class Ranks:
 
 
 def _ranks(cfg: SampleConfig, device: torch.device) -> Ranks:
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if world % cfg.parallel.cp:
-        raise ValueError(f"world size {world} is not divisible by --parallel.cp {cfg.parallel.cp}")
+    world, rank, cp = dist.get_world_size(), dist.get_rank(), cfg.parallel.cp
+    if world % cp:
+        raise ValueError(f"world size {world} is not divisible by --parallel.cp {cp}")
     mesh = None
-    if cfg.parallel.cp > 1:
+    if cp > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(device.type, (world // cfg.parallel.cp, cfg.parallel.cp), mesh_dim_names=("dp", "cp"))["cp"]
-    return Ranks(group=rank // cfg.parallel.cp, groups=world // cfg.parallel.cp, lead=rank % cfg.parallel.cp == 0, mesh=mesh)
+        mesh = init_device_mesh(device.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))["cp"]
+    return Ranks(group=rank // cp, groups=world // cp, lead=rank % cp == 0, mesh=mesh)
 
 
 def _model_paths(cfg: SampleConfig, i2v: bool) -> tuple[Path, Path, Path]:
@@ -127,7 +127,7 @@ def _split(mesh, n_tokens: int, attn) -> sample.TokenSplit:
     from parallel import collectives
 
     n, r, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
-    l = n_tokens // n
+    per = n_tokens // n
 
     def gather(x: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(x) for _ in range(n)]
@@ -139,7 +139,7 @@ def _split(mesh, n_tokens: int, attn) -> sample.TokenSplit:
         dist.all_reduce(x, group=group)
         return x
 
-    return sample.TokenSplit(tokens=(r * l, (r + 1) * l), attn=collectives.ulysses(attn, mesh, num_img=l),
+    return sample.TokenSplit(tokens=(r * per, (r + 1) * per), attn=collectives.ulysses(attn, mesh, num_img=per),
                              gather=gather, reduce=reduce)
 
 

@@ -172,11 +172,12 @@ def _check_shape(cfg: SampleConfig, h: int, w: int) -> None:
     model = dit_preset(cfg.model)
     vae.check_video_shape(cfg.frames, h, w, cfg=VAE_PRESETS["hunyuan-video"], size_multiple=16)
     if model.heads_num % cfg.parallel.cp:
-        raise ValueError(f"heads_num {model.heads_num} of {cfg.model!r} is not divisible by --parallel.cp {cfg.parallel.cp}")
+        raise ValueError(f"heads_num {model.heads_num} of {cfg.model!r} is not divisible by --parallel.cp "
+                         f"{cfg.parallel.cp}")
     tokens = ((cfg.frames - 1) // 4 + 1) * (h // 16) * (w // 16)
     if tokens % cfg.parallel.cp:
-        raise ValueError(f"{cfg.frames} frames at {h}x{w} give {tokens} video tokens, not divisible by --parallel.cp {cfg.parallel.cp}: "
-                         f"change the size or frames")
+        raise ValueError(f"{cfg.frames} frames at {h}x{w} give {tokens} video tokens, not divisible by "
+                         f"--parallel.cp {cfg.parallel.cp}: change the size or frames")
 
 
 def _check_weights(cfg: SampleConfig) -> None:
@@ -197,11 +198,24 @@ def _check_weights(cfg: SampleConfig) -> None:
             raise ValueError(f"--models.{k.replace('_', '-')} {p} does not exist")
 
 
+def _settings(cfg: SampleConfig) -> dict:
+    """Everything of the run that decides pixels, with the weights' identities (sidecar, reruns)."""
+    real_cfg = cfg.sampling.real_cfg
+    return {"model": cfg.model, "frames": cfg.frames, "fps": cfg.fps, "sampling": asdict(cfg.sampling),
+            "cache": asdict(cfg.cache), "negative_prompt": cfg.negative_prompt if real_cfg else None,
+            "dtype": cfg.dtype, "vae_dtype": cfg.vae_dtype, "text_dtype": cfg.text_dtype,
+            "vae_tiling": cfg.vae_tiling, "dit": sj.file_identity(cfg.dit), "random_dit": cfg.dit is None,
+            "lora": [(sj.file_identity(p), scale) for p, scale in map(parse_spec, cfg.lora)],
+            "models": {k: sj.file_identity(getattr(cfg.models, k)) for k in ("vae", "text_encoder", "text_encoder_2")},
+            "random_models": cfg.random_models}
+
+
 def plan(cfg: SampleConfig) -> Plan:
     """Validate the whole run and list its jobs; loads no model (images are opened to size them)."""
     model = dit_preset(cfg.model)
     if cfg.num_videos < 1 or cfg.fps < 1 or cfg.parallel.cp < 1:
-        raise ValueError(f"--num-videos ({cfg.num_videos}), --fps ({cfg.fps}) and --parallel.cp ({cfg.parallel.cp}) must be >= 1")
+        raise ValueError(f"--num-videos ({cfg.num_videos}), --fps ({cfg.fps}) and --parallel.cp ({cfg.parallel.cp}) "
+                         "must be >= 1")
     i2v = model.i2v_condition_type is not None
     if cfg.cuda_graph == "on" and cfg.cache.enabled:
         raise ValueError(f"--cuda-graph on captures the whole step, but --cache.kind {cfg.cache.kind} decides on "
@@ -216,14 +230,5 @@ def plan(cfg: SampleConfig) -> Plan:
         for k in range(cfg.num_videos):
             jobs.append(sj.Job(index=len(jobs), prompt=prompt, seed=cfg.seed + k, height=h, width=w, image=image,
                                exact_resize=exact))
-    real_cfg = cfg.sampling.real_cfg
-    settings = {"model": cfg.model, "frames": cfg.frames, "fps": cfg.fps, "sampling": asdict(cfg.sampling), "cache": asdict(cfg.cache),
-                "negative_prompt": cfg.negative_prompt if real_cfg else None, "dtype": cfg.dtype,
-                "vae_dtype": cfg.vae_dtype, "text_dtype": cfg.text_dtype, "vae_tiling": cfg.vae_tiling,
-                "dit": sj.file_identity(cfg.dit), "random_dit": cfg.dit is None,
-                "lora": [(sj.file_identity(p), scale) for p, scale in map(parse_spec, cfg.lora)],
-                "models": {k: sj.file_identity(getattr(cfg.models, k)) for k in ("vae", "text_encoder",
-                                                                                 "text_encoder_2")},
-                "random_models": cfg.random_models}
-    return Plan(jobs=jobs, settings=settings, i2v=i2v, real_cfg=real_cfg)
+    return Plan(jobs=jobs, settings=_settings(cfg), i2v=i2v, real_cfg=cfg.sampling.real_cfg)
 
