@@ -9,6 +9,8 @@ Pipeline: embed (patches, timestep/guidance/CLIP vector, token refiner, RoPE tab
 Text tokens never get RoPE. `attn` is injected (hvfunc.attention); block functions
 are injectable too (`Blocks`) so graphs/ and parallel/ can wrap them (compile, gather,
 remat), and `TPHooks` mark where tensor parallelism enters and leaves a block.
+LoRA adapter leaves in the tree (`<stem>.lora_A` / `.lora_B`, hvfunc.lora) run unmerged
+inside the same linear primitives (hvfunc.ops); a tree without them computes as before.
 """
 
 from __future__ import annotations
@@ -70,6 +72,12 @@ def _cond(tp: TPHooks, vec: Tensor, vec_first: Tensor | None) -> tuple[Tensor, T
     return both[0], both[1]
 
 
+def _partial(p: Params, name: str, x: Tensor) -> Tensor:
+    """Row-parallel matmul x @ W.T and its adapter B @ (A x): both partial sums over tp (A and x
+    are split over tp, B whole), so the one reduction in _row covers the adapter too."""
+    return ops.lora_up(ops.matmul(x, p[f"{name}.weight"]), ops.lora_down(x, p, name), p, name)
+
+
 def _row(tp: TPHooks, y: Tensor, p: Params, name: str, stream: str) -> Tensor:
     """Row-parallel output: reduce partial sums across tp, then add the (replicated) bias."""
     y = tp.leave(y, stream)
@@ -119,9 +127,9 @@ def double_block(p: Params, img: Tensor, txt: Tensor, vec: Tensor, *, rope: tupl
 
     o = attn(torch.cat([qi, qt], 1), torch.cat([ki, kt], 1), torch.cat([vi, vt], 1), kv_len).flatten(2)
     L = qi.shape[1]
-    y = _row(tp, ops.matmul(o[:, :L], p["img_attn_proj.weight"]), p, "img_attn_proj", "img")
+    y = _row(tp, _partial(p, "img_attn_proj", o[:, :L]), p, "img_attn_proj", "img")
     img = split_first(gate, first, (img, y), mi[2:3], f(2, 3))
-    txt = gate(txt, _row(tp, ops.matmul(o[:, L:], p["txt_attn_proj.weight"]), p, "txt_attn_proj", "txt"), mt[2])
+    txt = gate(txt, _row(tp, _partial(p, "txt_attn_proj", o[:, L:]), p, "txt_attn_proj", "txt"), mt[2])
 
     h = tp.enter(split_first(modulate, first, (layer_norm(img, EPS),), mi[3:5], f(3, 5)), "img")
     img = split_first(gate, first, (img, _mlp(p, "img_mlp", h, tp, "img")), mi[5:6], f(5, 6))
@@ -132,7 +140,7 @@ def double_block(p: Params, img: Tensor, txt: Tensor, vec: Tensor, *, rope: tupl
 
 def _mlp(p: Params, name: str, h: Tensor, tp: TPHooks, stream: str) -> Tensor:
     a = F.gelu(linear(h, p, f"{name}.fc1"), approximate="tanh")
-    return _row(tp, ops.matmul(a, p[f"{name}.fc2.weight"]), p, f"{name}.fc2", stream)
+    return _row(tp, _partial(p, f"{name}.fc2", a), p, f"{name}.fc2", stream)
 
 
 def single_block(p: Params, x: Tensor, vec: Tensor, *, n_txt: int, rope: tuple[Tensor, Tensor],
@@ -147,14 +155,17 @@ def single_block(p: Params, x: Tensor, vec: Tensor, *, n_txt: int, rope: tuple[T
     mf = None if vfc is None else linear(F.silu(vfc), p, "modulation.linear").chunk(3, dim=-1)
     h = tp.enter(split_first(modulate, first, (layer_norm(x, EPS),), m[0:2], None if mf is None else mf[0:2]),
                  "joint")
-    q, k, v = ops.qkv(h, p, "linear1_qkv", cfg.head_dim)
+    u = ops.lora_down(h, p, "linear1")  # linear1's adapter: one A for its q|k|v and MLP rows
+    q, k, v = ops.qkv(h, p, "linear1_qkv", cfg.head_dim, u=u)
     q, k = _qk_norm(p, q, k, "q_norm", "k_norm")
     L = q.shape[1] - n_txt
     q = torch.cat([ops.apply_rope(q[:, :L], *rope), q[:, L:]], 1)
     k = torch.cat([ops.apply_rope(k[:, :L], *rope), k[:, L:]], 1)
     o = attn(q, k, v, kv_len).flatten(2)
-    mlp = F.gelu(linear(h, p, "linear1_mlp"), approximate="tanh")
+    mlp = F.gelu(linear(h, p, "linear1_mlp", u=u), approximate="tanh")
     y = ops.matmul(o, p["linear2_attn.weight"]) + ops.matmul(mlp, p["linear2_mlp.weight"])
+    ua, um = ops.lora_down(o, p, "linear2_attn"), ops.lora_down(mlp, p, "linear2_mlp")
+    y = ops.lora_up(y, None if ua is None else ua + um, p, "linear2")  # linear2's adapter: one B
     y = _row(tp, y, p, "linear2", "joint")
     return split_first(gate, first, (x, y), m[2:3], None if mf is None else mf[2:3])
 

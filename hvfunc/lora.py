@@ -261,6 +261,28 @@ def merge_all(params: Mapping[str, Tensor], loras: Sequence[tuple[Lora, float]],
     return out, list(dict.fromkeys(merged))
 
 
+def scaled(params: Params, scale: float) -> Params:
+    """The compute tree of unmerged adapters (training): every `lora_B` leaf as scale * B, with
+    scale = alpha / r, so hvfunc.ops adds B'(A x) with no per-module constant. Differentiable: B's
+    gradient is scale times the product's, as with y = W x + scale * B(A x). Scale 1 returns the tree."""
+    if scale == 1.0:
+        return params
+    return {k: v * scale if k.endswith(".lora_B") else v for k, v in params.items()}
+
+
+def one_scale(lora: Lora) -> tuple[int, float]:
+    """(rank, alpha) shared by every module of a LoRA (training keeps one scale per tree), or a
+    ValueError naming the modules that differ from the first."""
+    mods = lora.modules()
+    r0, a0 = lora.rank(mods[0]), lora.alpha[mods[0]]
+    odd = [f"{m} (rank {lora.rank(m)}, alpha {lora.alpha[m]})" for m in mods
+           if (lora.rank(m), lora.alpha[m]) != (r0, a0)]
+    if odd:
+        raise ValueError(f"LoRA modules differ in rank or alpha from {mods[0]} (rank {r0}, alpha {a0}): "
+                         f"{', '.join(odd[:5])}{' ...' if len(odd) > 5 else ''}; training needs one rank and alpha")
+    return r0, a0
+
+
 def merge(params: Params, lora: Lora, scale: float = 1.0) -> Params:
     """hvfunc params with one LoRA merged (every adapted weight must be present)."""
     return merge_all(params, [(lora, scale)])[0]

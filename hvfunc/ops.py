@@ -1,6 +1,7 @@
-"""Numerical primitives of the DiT: norms, modulation, timestep features, 3D RoPE.
+"""Numerical primitives of the DiT: linears (with unmerged LoRA adapters when the tree holds
+them), norms, modulation, timestep features, 3D RoPE.
 
-Shapes: B batch, L tokens, N heads, K head dim, D width.
+Shapes: B batch, L tokens, N heads, K head dim, D width, r LoRA rank.
 Precision: RMSNorm and RoPE compute in fp32 and cast back (as upstream does); the
 timestep sinusoid is fp32 and cast to the weight dtype by the caller.
 """
@@ -15,12 +16,32 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def linear(x: Tensor, p: dict[str, Tensor], name: str) -> Tensor:
-    """`x @ W.T + b` for leaves `name.weight` / `name.bias` (fused q|k|v leaves: `qkv`).
+def lora_down(x: Tensor, p: dict[str, Tensor], stem: str) -> Tensor | None:
+    """A LoRA adapter's down-projection u = x @ A.T [.., r] when the tree holds `stem.lora_A`, else None."""
+    A = p.get(f"{stem}.lora_A")
+    return None if A is None else F.linear(x.to(A.dtype), A)
+
+
+def lora_up(y: Tensor, u: Tensor | None, p: dict[str, Tensor], stem: str) -> Tensor:
+    """y + u @ B.T for `stem.lora_B` [out, r] (y unchanged without an adapter).
+
+    B is taken as given: the scale alpha / r is folded into the compute leaf of B by whoever
+    builds the compute tree (hvfunc.lora.scaled), so the primitives carry no per-module constant."""
+    B = p.get(f"{stem}.lora_B")
+    if u is None or B is None:
+        return y
+    return y + F.linear(u.to(B.dtype), B).to(y.dtype)
+
+
+def linear(x: Tensor, p: dict[str, Tensor], name: str, u: Tensor | None = None) -> Tensor:
+    """`x @ W.T + b` for leaves `name.weight` / `name.bias` (fused q|k|v leaves: `qkv`), plus the
+    adapter `name.lora_B @ (name.lora_A @ x)` when the tree holds one; `u`: a down-projection
+    computed already (an A shared with another leaf, as linear1's).
 
     The input is cast to the weight's dtype: a precision policy may keep some leaves fp32."""
     w, b = p[f"{name}.weight"], p.get(f"{name}.bias")
-    return F.linear(x.to(w.dtype), w, b)
+    y = F.linear(x.to(w.dtype), w, b)
+    return lora_up(y, lora_down(x, p, name) if u is None else u, p, name)
 
 
 class _QKV(torch.autograd.Function):
@@ -37,13 +58,14 @@ class _QKV(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, w, b = inputs
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
+        # x is needed only for the weight gradient: a frozen weight (LoRA) keeps no copy of it
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w)
+        ctx.has_bias, ctx.x_shape = b is not None, x.shape
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
         x, w = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = None if x is None else x.reshape(-1, x.shape[-1])
         gx = None
         gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
         gb = w.new_zeros(w.shape[:2]) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -57,13 +79,19 @@ class _QKV(torch.autograd.Function):
                 gw[i] = g2.t() @ x2
             if gb is not None:
                 gb[i] = g2.sum(0)
-        return (None if gx is None else gx.view(x.shape)), gw, gb
+        return (None if gx is None else gx.view(ctx.x_shape)), gw, gb
 
 
-def qkv(x: Tensor, p: dict[str, Tensor], name: str, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v [B, L, N, K] of the fused `name` ([3, N*K, D] weight, N local under tp)."""
+def qkv(x: Tensor, p: dict[str, Tensor], name: str, head_dim: int,
+        u: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v [B, L, N, K] of the fused `name` ([3, N*K, D] weight, N local under tp), plus the
+    adapter (one A [r, D], B [3, N*K, r]: each part adds u @ B[i].T); `u` as in `linear`."""
     w, b = p[f"{name}.weight"], p.get(f"{name}.bias")
     q, k, v = _QKV.apply(x.to(w.dtype), w, b)
+    if (B := p.get(f"{name}.lora_B")) is not None:
+        u = lora_down(x, p, name) if u is None else u
+        if u is not None:
+            q, k, v = (t + F.linear(u.to(B.dtype), B[i]).to(t.dtype) for i, t in enumerate((q, k, v)))
     return tuple(t.unflatten(-1, (-1, head_dim)) for t in (q, k, v))
 
 

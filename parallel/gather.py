@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
 from graphs.precision import Precision, compute_dtypes
+from hvfunc.lora import scaled
 from hvfunc.params import Params
 from parallel import plan
 
@@ -198,6 +199,9 @@ class BlockGather:
     """The parallel layout uses sequence parallelism."""
     policy: Precision | None = None
     """Compute dtypes of the gathered leaves (None: the storage dtype)."""
+    lora_scale: float = 1.0
+    """alpha / r of the tree's LoRA adapters, folded into their gathered `lora_B` (hvfunc.lora.scaled):
+    a Python constant of the compute, never a leaf, so DCP, the plan and the optimizer never see it."""
 
     def __call__(self, params: Params) -> Params:
         return self.gather(*self.shards(params))
@@ -206,4 +210,5 @@ class BlockGather:
         return shards(params, split=self.split, sp=self.sp)
 
     def gather(self, local: Params, layouts: dict[str, Layout]) -> Params:
-        return gather(local, layouts, None if self.policy is None else compute_dtypes(local, self.policy))
+        out = gather(local, layouts, None if self.policy is None else compute_dtypes(local, self.policy))
+        return scaled(out, self.lora_scale)

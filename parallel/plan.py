@@ -28,14 +28,19 @@ from parallel.mesh import Meshes
 
 DATA_AXES = ("dp_replicate", "fsdp")
 TP_AXES = ("heads", "mlp")
+NEVER_SHARDED = ("lora",)  # a LoRA rank r: tiny, and every rank needs all of it for B(A x)
 _BLOCK = re.compile(r"^(double_blocks|single_blocks)\.\d+\.")
 # tp-replicated leaves whose uses differ across tp ranks: per-head norm weights see only
 # this rank's heads, so their gradients are partial sums over tp. With sequence
 # parallelism also every leaf that acts on split tokens outside the tp regions: the
 # modulation of split streams, the final layer, biases added after a reduce-scatter.
-_TP_PARTIAL = re.compile(r"(q_norm|k_norm)\.weight$")
+# LoRA: the whole (tp-replicated) half of an adapter on a tp-split matmul sees only this rank's
+# heads / MLP columns: A of a column-parallel layer, B of a row-parallel one.
+_LORA_TP = (r"(^|\.)(img_attn_qkv|txt_attn_qkv|img_mlp\.fc1|txt_mlp\.fc1|linear1)\.lora_A$|"
+            r"(^|\.)(img_attn_proj|txt_attn_proj|img_mlp\.fc2|txt_mlp\.fc2|linear2)\.lora_B$")
+_TP_PARTIAL = re.compile(r"(q_norm|k_norm)\.weight$|" + _LORA_TP)
 _SP_PARTIAL = re.compile(r"(q_norm|k_norm)\.weight$|(^|\.)(img_mod|modulation)\.linear\.|^final_layer\.|"
-                         r"(^|\.)(img_attn_proj|img_mlp\.fc2|linear2)\.bias$")
+                         r"(^|\.)(img_attn_proj|img_mlp\.fc2|linear2)\.bias$|" + _LORA_TP)
 
 
 def tp_dim(key: str, s: ParamSpec) -> int | None:
@@ -45,11 +50,12 @@ def tp_dim(key: str, s: ParamSpec) -> int | None:
     return next((d for d, a in enumerate(s.axes) if a in TP_AXES), None)
 
 
-def _storage_dim(local: list[int], n: int, skip: int | None) -> int | None:
-    """The dim to shard n ways for storage: the largest one (an even split preferred) other than skip."""
+def _storage_dim(local: list[int], n: int, skip: int | None, axes: tuple[str | None, ...]) -> int | None:
+    """The dim to shard n ways for storage: the largest one (an even split preferred) other than
+    skip and the NEVER_SHARDED axes."""
     if n == 1:
         return None
-    cands = [d for d in range(len(local)) if d != skip and local[d] >= n]
+    cands = [d for d in range(len(local)) if d != skip and local[d] >= n and axes[d] not in NEVER_SHARDED]
     even = [d for d in cands if local[d] % n == 0]
     return max(even or cands, key=lambda d: local[d], default=None)
 
@@ -58,9 +64,9 @@ def placements(key: str, s: ParamSpec, meshes: Meshes) -> tuple[Placement, ...]:
     fsdp, tp = meshes.size("fsdp"), meshes.size("tp")
     td = tp_dim(key, s) if tp > 1 else None
     local = [n // tp if d == td else n for d, n in enumerate(s.shape)]
-    fd = _storage_dim(local, fsdp, td)
+    fd = _storage_dim(local, fsdp, td, s.axes)
     if td is None:  # not split for compute: store it split over tp anyway (another dim than fsdp's)
-        td = _storage_dim(local, tp, fd)
+        td = _storage_dim(local, tp, fd, s.axes)
     return (Replicate(), Shard(fd) if fd is not None else Replicate(), Shard(td) if td is not None else Replicate())
 
 
