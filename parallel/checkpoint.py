@@ -1,7 +1,8 @@
 """Training checkpoints with torch.distributed.checkpoint (DCP): resumable and reshardable.
 
-Layout: <dir>/step-00000100/ holds the DCP shards of {"params", "optim"} and trainer.json
-(step, sampler position, seeds, config). A checkpoint is written to a hidden
+Layout: <dir>/step-00000100/ holds the DCP shards of {"params", "optim"} (the trainable
+leaves: all of them, or LoRA's adapters) and trainer.json (step, sampler position, seeds,
+config; with LoRA the adapters' config and the base weights' identity). A checkpoint is written to a hidden
 `.step-*.partial` folder and renamed only after every rank finished, then `latest` is
 updated atomically: a kill at any moment leaves the previous checkpoint usable. DCP
 stores DTensors by global shape, so a checkpoint loads onto any other mesh.
@@ -110,7 +111,11 @@ def trained_params(path: str | Path, *, preset: str | None = None) -> tuple[Para
     step = latest(path) or path
     if not (step / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} holds no complete training checkpoint (no step-*/{STATE_FILE})")
-    name = preset or json.loads((step / STATE_FILE).read_text())["model"]
+    state = json.loads((step / STATE_FILE).read_text())
+    if "lora" in state:
+        raise ValueError(f"{step} holds LoRA adapters only (the base weights stay frozen and are not saved): "
+                         f"export them with `convert.py export-lora`, merge with `convert.py merge-lora`")
+    name = preset or state["model"]
     shapes = {k: s.shape for k, s in dit_spec(dit_preset(name)).items()}
     return load_params_single_process(step, shapes), name, step
 

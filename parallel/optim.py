@@ -21,8 +21,7 @@ from hvfunc.params import Params
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """AdamW and its learning-rate schedule (scripts/train.py's presets set the recipes' values).
-    The warm-up is linear; upstream's I2V LoRA run uses DeepSpeed's WarmupLR (log-shaped)."""
+    """AdamW and its learning-rate schedule (scripts/train.py's presets set the recipes' values)."""
 
     lr: float = 1e-4
     """Peak learning rate."""
@@ -30,8 +29,11 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    """Linear warm-up from warmup_start_lr to lr."""
+    """Warm-up steps from warmup_start_lr to lr (shape: warmup_shape)."""
     warmup_start_lr: float = 1e-6
+    warmup_shape: Literal["linear", "log"] = "linear"
+    """Warm-up fraction at step s (0-based): (s + 1) / warmup_steps, or log(s + 1) / log(warmup_steps),
+    the default shape of DeepSpeed's WarmupLR (upstream's I2V LoRA run): it starts at warmup_start_lr."""
     schedule: Literal["constant", "cosine"] = "constant"
     """After warm-up: constant, or cosine decay to min_lr_ratio * lr at total_steps."""
     total_steps: int = 1000
@@ -42,7 +44,9 @@ class OptimConfig:
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step `step` (0-based)."""
         if step < self.warmup_steps:
-            return self.warmup_start_lr + (self.lr - self.warmup_start_lr) * (step + 1) / self.warmup_steps
+            w = self.warmup_steps
+            frac = (step + 1) / w if self.warmup_shape == "linear" or w == 1 else math.log(step + 1) / math.log(w)
+            return self.warmup_start_lr + (self.lr - self.warmup_start_lr) * frac
         if self.schedule == "constant":
             return self.lr
         span = max(1, self.total_steps - self.warmup_steps)

@@ -6,11 +6,14 @@ and image dropout drawn from the sampler's per-draw seeds (so every layout sees 
 the sharded loss, backward (FSDP reduce-scatter inside), global-norm clipping, AdamW with
 fp32 master weights. Non-finite losses or gradients skip the step (counted); too many in
 a row save a checkpoint and stop with a clear message. Checkpoints every N steps and on
-SIGTERM; `metrics.jsonl` gets one record per step.
+SIGTERM; `metrics.jsonl` gets one record per step. What trains is a mask over leaf names
+(parallel.lora_train): every leaf, or LoRA adapters on frozen base weights; checkpoints hold
+the trainable leaves and their optimizer state.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import signal
@@ -25,7 +28,7 @@ from tqdm import tqdm
 
 from graphs import backends, bench
 from graphs.blocks import Compile, Recompute, make_blocks
-from graphs.precision import Precision
+from graphs.precision import Precision, compute_dtypes
 from hvfunc import ckpt, flops, flow, io
 from hvfunc.config import dit_preset
 from hvfunc.data.buckets import BucketSampler, group
@@ -33,8 +36,10 @@ from hvfunc.data.features import NOIMG_KEYS, TEXT_KEYS, FeatureDataset, collate
 from hvfunc.dit_spec import dit_spec
 from hvfunc.flow import TimestepSampling
 from hvfunc.params import init_leaves
-from parallel import checkpoint, gather, optim, plan, runtime, step
+from parallel import checkpoint, gather, lora_train, optim, plan, runtime, step
+from parallel.lora_train import LoraTrain
 from parallel.mesh import ParallelConfig, build
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -47,7 +52,10 @@ class TrainConfig:
     model: str = "tiny"
     """DiT preset (hunyuan-video-t2v, hunyuan-video-i2v, tiny, tiny-i2v)."""
     init_from: Path | None = None
-    """Weights to start from (official .pt, diffusers folder, hvfunc safetensors); None: upstream's init."""
+    """Weights to start from (official .pt, diffusers folder, hvfunc safetensors); None: upstream's init.
+    With LoRA these are the frozen base weights, read again on every resume (checked by content)."""
+    lora: LoraTrain = field(default_factory=LoraTrain)
+    """LoRA finetuning (--lora.enabled): adapters train on the frozen base (parallel.lora_train)."""
     steps: int = 100
     """Optimizer steps in total (a resumed run continues up to this)."""
     batch_size: int = 1
@@ -169,18 +177,26 @@ def _check_buckets(keys: list[tuple[int, ...]], model, meshes) -> None:
                          f"sequence parallelism): re-extract with --cp or change the parallel layout")
 
 
-def _params(cfg: TrainConfig, model, meshes, device: torch.device):
-    """fp32 DTensor leaves, built leaf by leaf: each rank holds one full leaf at a time, then
-    only its shard (13B in fp32 is 51 GB: no rank may hold it whole). Official / diffusers
-    files are memory-mapped where their format allows (hvfunc.io)."""
+def _params(cfg: TrainConfig, model, meshes, device: torch.device, tune: lora_train.Tuning | None = None):
+    """DTensor leaves, built leaf by leaf: each rank holds one full leaf at a time, then only its
+    shard (13B in fp32 is 51 GB: no rank may hold it whole). Official / diffusers files are
+    memory-mapped where their format allows (hvfunc.io). Trainable leaves (tune.trains) are fp32
+    masters; frozen ones (the base under LoRA) are stored in their compute dtype, without grad."""
+    tune = tune or lora_train.resolve(cfg.lora, model, cfg.init_from, cfg.seed)
     spec = dit_spec(model)
     if cfg.init_from is not None:
         leaves = ckpt.load_dit(cfg.init_from, model).items()  # raises on a wrong path or mismatched weights
         runtime.print0(f"initialised from {cfg.init_from}")
     else:
         leaves = init_leaves(spec, generator=torch.Generator().manual_seed(cfg.seed))
-    placements = plan.plan(spec, meshes)
-    return {k: plan.shard({k: v.float().to(device)}, placements, meshes)[k].requires_grad_(True) for k, v in leaves}
+    frozen = compute_dtypes(spec, Precision(compute=cfg.dtype, fp32_leaves=cfg.fp32_leaves))
+    placements = plan.plan(spec | tune.spec, meshes)
+    out = {}
+    for k, v in itertools.chain(leaves, tune.leaves(cfg.seed)):
+        train = tune.trains(k)
+        v = v.to(device=device, dtype=torch.float32 if train else frozen[k])
+        out[k] = plan.shard({k: v}, placements, meshes)[k].requires_grad_(train)
+    return out
 
 
 def train(cfg: TrainConfig) -> list[dict]:
@@ -195,13 +211,16 @@ def train(cfg: TrainConfig) -> list[dict]:
     device = runtime.init(cfg.device)
     meshes = build(cfg.parallel, device_type=device.type)
     _check_buckets(ds.keys(), model, meshes)
-    params = _params(cfg, model, meshes, device)
+    tune = lora_train.resolve(cfg.lora, model, cfg.init_from, cfg.seed)
+    ckdir, start = cfg.out / "checkpoints", 0
+    if (last := checkpoint.latest(ckdir)) is not None:  # before the (long) weight load
+        lora_train.check_resume(json.loads((last / checkpoint.STATE_FILE).read_text()), tune, last)
+    params = _params(cfg, model, meshes, device, tune)
     sampler = BucketSampler(group(ds.keys()), batch_size=cfg.batch_size, rank=meshes.data_rank,
                             world_size=meshes.data_world, seed=cfg.seed)
     opt = optim.make_optimizer(params, cfg.optim)
-    ckdir, start = cfg.out / "checkpoints", 0
-    if (last := checkpoint.latest(ckdir)) is not None:
-        state = checkpoint.load(last, params, opt)
+    if last is not None:
+        state = checkpoint.load(last, _trained(params), opt)
         sampler.load_state_dict(state["sampler"])
         start = state["step"]
         runtime.print0(f"resumed from {last} at step {start}")
@@ -211,14 +230,20 @@ def train(cfg: TrainConfig) -> list[dict]:
         _truncate_metrics(cfg.out / "metrics.jsonl", start)
     policy = Precision(compute=cfg.dtype, fp32_leaves=cfg.fp32_leaves)
     sp = meshes.cfg.sequence_parallel
-    split = plan.tp_split(dit_spec(model))
-    prepare = gather.BlockGather(split, sp, policy=policy)  # cast, then gather (fp32 gradient reduction)
+    split = plan.tp_split(dit_spec(model) | tune.spec)
+    # cast, then gather (fp32 gradient reduction); LoRA's alpha / r folded into the gathered B
+    prepare = gather.BlockGather(split, sp, policy=policy, lora_scale=tune.scale)
     blocks = make_blocks(prepare=prepare, recompute=cfg.recompute, compile=cfg.compile, dtensor_params=True,
                          device=device)
     attn = backends.attention_backend(cfg.attention)
     guidance = None if not model.guidance_embed else cfg.guidance * 1000
     return _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, guidance, prepare, policy.dtype,
-                 device, start)
+                 device, start, tune.record())
+
+
+def _trained(params: dict) -> dict:
+    """The leaves a checkpoint holds: the trainable ones (LoRA: adapters only; the base is frozen)."""
+    return {k: v for k, v in params.items() if v.requires_grad}
 
 
 def _epochs(ds, sampler: BucketSampler, workers: int):
@@ -238,7 +263,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
         io.write_atomic(path, "".join(x + "\n" for x in keep).encode())
 
 
-def _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, guidance, prepare, dtype, device, start):
+def _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, guidance, prepare, dtype, device, start,
+          record):
     batches, stop = _epochs(ds, sampler, cfg.num_workers), _Stop()
     peak_flops = bench.matmul_peak(device, dtype) * dist.get_world_size()
     metrics = (cfg.out / "metrics.jsonl").open("a") if runtime.is_main() else None
@@ -277,15 +303,15 @@ def _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, gu
             metrics.flush()
         bar.update(1)
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}")
-        trainer_state = {"sampler": state, "seed": cfg.seed, "model": cfg.model}
+        trainer_state = {"sampler": state, "seed": cfg.seed, "model": cfg.model} | record
         if bad > cfg.max_bad_steps:
-            checkpoint.save(cfg.out / "checkpoints", s + 1, params, opt, trainer_state, cfg.keep_last)
+            checkpoint.save(cfg.out / "checkpoints", s + 1, _trained(params), opt, trainer_state, cfg.keep_last)
             raise RuntimeError(f"{bad} consecutive steps had a non-finite loss or gradient (last loss {value}, "
                                f"grad norm {norm}); stopped and saved a checkpoint in {cfg.out / 'checkpoints'}. "
                                f"Lower the learning rate or check the data.")
         stopping = stop.agreed(device)
         if (s + 1) % cfg.checkpoint_every == 0 or s + 1 == cfg.steps or stopping:
-            checkpoint.save(cfg.out / "checkpoints", s + 1, params, opt, trainer_state, cfg.keep_last)
+            checkpoint.save(cfg.out / "checkpoints", s + 1, _trained(params), opt, trainer_state, cfg.keep_last)
         if stopping:
             runtime.print0(f"SIGTERM: saved a checkpoint at step {s + 1} and stopped")
             break

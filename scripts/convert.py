@@ -6,6 +6,8 @@
     python scripts/convert.py dit --source dit.safetensors --target transformer/ --to diffusers
 
     python scripts/convert.py export --checkpoint runs/t2v/train/checkpoints --target dit.pt --to official
+    python scripts/convert.py export-lora --checkpoint runs/i2v/lora/checkpoints --target lora.safetensors \
+        --format comfyui
     python scripts/convert.py text-encoder --source llava-llama-3-8b-v1_1-transformers --target ckpts/text_encoder
 
     python scripts/convert.py lora --source my_musubi_lora.safetensors --target comfy.safetensors --format comfyui
@@ -111,6 +113,32 @@ def export(a: ExportArgs) -> Path:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExportLoraArgs:
+    """Export the adapters of a LoRA training checkpoint (DCP, any mesh) without a process group."""
+
+    checkpoint: Path
+    """A step-* folder, or a run's checkpoints/ folder (its latest complete checkpoint)."""
+    target: Path
+    """Output file: .safetensors, or .pt/.pth/.bin for a torch pickle."""
+    format: Literal["hvfunc", "official", "musubi", "comfyui", "diffusers", "mindspeed"] = "official"
+    """Key format to write (docs/lora.md lists which tool reads which)."""
+    dtype: Literal["keep", "fp32", "bf16", "fp16"] = "keep"
+    """Training keeps fp32 adapters; upstream's files are bf16."""
+
+
+def export_lora(a: ExportLoraArgs) -> Path:
+    from hvfunc import lora_formats
+    from parallel.lora_train import trained_lora
+
+    lo, preset, path = trained_lora(a.checkpoint)
+    if DTYPES[a.dtype] is not None:
+        lo = dataclasses.replace(lo, tensors={k: v.to(DTYPES[a.dtype]) for k, v in lo.tensors.items()})
+    lora_formats.write(lo, a.target, a.format)
+    print(f"wrote {a.target} ({a.format}, {len(lo.modules())} modules of {preset}, from {path})")
+    return a.target
+
+
+@dataclass(frozen=True, kw_only=True)
 class TextEncoderArgs:
     """Extract the language model and tokenizer of a LLaVA-Llama-3 folder (upstream's ckpts/text_encoder)."""
 
@@ -203,7 +231,8 @@ def merge_lora(a: MergeLoraArgs) -> Path:
 
 
 COMMANDS = {"dit": (DitArgs, convert_dit), "export": (ExportArgs, export),
-            "text-encoder": (TextEncoderArgs, text_encoder), "lora": (LoraArgs, convert_lora),
+            "export-lora": (ExportLoraArgs, export_lora), "text-encoder": (TextEncoderArgs, text_encoder),
+            "lora": (LoraArgs, convert_lora),
             "merge-lora": (MergeLoraArgs, merge_lora)}
 
 
