@@ -21,6 +21,7 @@ from parallel import plan
 from parallel.mesh import Meshes, ParallelConfig, build
 
 TRAIN_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 master weight, fp32 grad, AdamW exp_avg + exp_avg_sq
+FROZEN_BYTES_PER_PARAM = 2  # LoRA's frozen base: the bf16 weight only (no grad, no optimizer state)
 LAYOUTS = [(8, ParallelConfig(dp_shard=8)), (8, ParallelConfig(dp_shard=4, cp=2)),
            (8, ParallelConfig(dp_shard=2, tp=4)), (16, ParallelConfig(dp_shard=8, cp=2)),
            (16, ParallelConfig(dp_shard=4, cp=2, tp=2)), (64, ParallelConfig(dp_replicate=4, dp_shard=8, cp=2)),
@@ -77,6 +78,41 @@ def rows(spec: Spec, layouts=LAYOUTS) -> list[dict]:
         finally:
             dist.destroy_process_group()
     return out
+
+
+LORA_LAYOUTS = [(1, ParallelConfig(dp_shard=1)), (2, ParallelConfig(dp_shard=2)), (8, ParallelConfig(dp_shard=8))]
+
+
+def lora_rows(base: Spec, adapters: Spec, layouts=LORA_LAYOUTS) -> list[dict]:
+    """Rank 0's LoRA training memory: the frozen base in bf16 (2 bytes per local parameter), the
+    adapters as fp32 masters + grads + AdamW (16 bytes), both placed by the same plan."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    out = []
+    for world, par in layouts:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+        try:
+            meshes = build(par)
+            local = per_rank(base | adapters, meshes)
+            b, a = sum(local[k] for k in base), sum(local[k] for k in adapters)
+            out.append({"world": world, "base_per_rank": b, "adapters_per_rank": a,
+                        "base_gb": b * FROZEN_BYTES_PER_PARAM / 2**30, "adapters_gb": a * TRAIN_BYTES_PER_PARAM / 2**30,
+                        "block_bf16_gb": block_gather_bytes(base | adapters, meshes) / 2**30})
+        finally:
+            dist.destroy_process_group()
+    return out
+
+
+def lora_table(rows_: list[dict]) -> str:
+    """The LoRA table of docs/memory.md."""
+    head = ("| GPUs (dp_shard) | base params / rank | base bf16 GB | adapters / rank | adapters+grads+Adam GB | "
+            "total GB | one gathered block (bf16) GB |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['world']} | {r['base_per_rank']:,} | {r['base_gb']:.1f} | {r['adapters_per_rank']:,} | "
+              f"{r['adapters_gb']:.2f} | {r['base_gb'] + r['adapters_gb']:.1f} | {r['block_bf16_gb']:.2f} |"
+              for r in rows_]
+    return "\n".join(lines)
 
 
 def table(rows_: list[dict]) -> str:
