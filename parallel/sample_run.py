@@ -154,11 +154,9 @@ def _video(cfg: SampleConfig, p: Plan, job: sj.Job, cond: pipeline.Conditioning,
         x = media.image_tensor(media.load_image(job.image), job.height, job.width, exact=job.exact_resize)
         image_lat = pipeline.image_latents(vparams, x[None].to(device), cfg=vcfg)
     bar = runtime.progress(cfg.sampling.steps, desc=job.stem[:40], unit="step", enabled=ranks.lead)
-    t0 = time.perf_counter()
 
     def tick(i: int, x: torch.Tensor) -> None:
         bar.update(1)
-        bar.set_postfix(s_per_step=f"{(time.perf_counter() - t0) / (i + 1):.2f}")
 
     split = None
     if ranks.mesh is not None:

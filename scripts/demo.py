@@ -7,8 +7,10 @@
    metrics.jsonl
 4. a loss curve (loss.png) and the learning criterion: the mean loss of the last quarter of
    the steps must be at most 0.9 x the first quarter's (exit code 1 otherwise)
-5. scripts/sample.py from the trained checkpoint, for a training caption (I2V: its clip's
-   first frame as the reference image), with the extraction's VAE and text encoders -> mp4
+5. scripts/convert.py export of the trained checkpoint, then a LoRA stage: train.py
+   tiny-lora (2 ranks) from the exported weights, convert.py export-lora (official kohya file)
+6. scripts/sample.py for a training caption (I2V: its clip's first frame as the reference
+   image) with the extraction's VAE and text encoders, without and with the LoRA -> mp4s
 Every step is a real script run as a user would run it; rerunning resumes where it stopped.
 """
 
@@ -40,6 +42,8 @@ class DemoConfig:
     """Training processes (gloo, FSDP over all of them)."""
     steps: int = 60
     """Optimizer steps."""
+    lora_steps: int = 20
+    """Optimizer steps of the LoRA stage."""
     sample_steps: int = 20
     """Euler steps of the sampling stage."""
     task: str = "t2v"
@@ -93,23 +97,40 @@ def main(cfg: DemoConfig) -> int:
           f"criterion <= 0.90): {'LEARNED' if learned else 'NOT LEARNED'}")
     print(f"checkpoint: {(out / 'train' / 'checkpoints' / 'latest').read_text()}, metrics: "
           f"{out / 'train' / 'metrics.jsonl'}, curve: {out / 'train' / 'loss.png'}")
-    videos = sample(cfg, out, preset)
-    print(f"samples: {', '.join(map(str, videos))} (the demo's VAE is random, so the frames show noise)")
+    lora_file = finetune_lora(cfg, out, preset)
+    base = sample(cfg, out, preset, "samples")
+    styled = sample(cfg, out, preset, "samples-lora", "--lora", str(lora_file))
+    print(f"samples: {base[0]} (base), {styled[0]} (with the LoRA {lora_file}); the demo's VAE is random, "
+          "so the frames show noise")
     return 0 if learned else 1
 
 
-def sample(cfg: DemoConfig, out: Path, preset: str) -> list[Path]:
-    """Sample a training caption from the trained checkpoint with the extraction's models."""
+def finetune_lora(cfg: DemoConfig, out: Path, preset: str) -> Path:
+    """Export the pretrained weights, train a rank-4 LoRA on them (2 ranks), export it (official format)."""
+    py, dit = sys.executable, out / "train" / "dit.safetensors"
+    run([py, "scripts/convert.py", "export", "--checkpoint", str(out / "train" / "checkpoints"), "--target", str(dit),
+         "--dtype", "fp32"])
+    run([py, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.ranks), "scripts/train.py", f"{preset}-lora",
+         "--features", str(out / "features"), "--out", str(out / "lora"), "--init-from", str(dit), "--steps",
+         str(cfg.lora_steps), "--seed", str(cfg.seed)], env={"OMP_NUM_THREADS": "1"})
+    lora_file = out / "lora" / "lora.safetensors"
+    run([py, "scripts/convert.py", "export-lora", "--checkpoint", str(out / "lora" / "checkpoints"), "--target",
+         str(lora_file), "--format", "official"])
+    return lora_file
+
+
+def sample(cfg: DemoConfig, out: Path, preset: str, folder: str, *extra: str) -> list[Path]:
+    """Sample a training caption from the pretrained weights with the extraction's models."""
     from hvfunc.data.features import read_index
 
     rec = read_index(out / "features")[0]
     models = out / "features" / "models"
     llm = models / ("text_encoder_i2v" if cfg.task == "i2v" else "text_encoder")
     cmd = [sys.executable, "scripts/sample.py", preset, "--prompt", rec["caption"], "--dit",
-           str(out / "train" / "checkpoints"), "--models.vae", str(models / "vae"), "--models.text-encoder", str(llm),
-           "--models.text-encoder-2", str(models / "text_encoder_2"), "--height", str(rec["height"]), "--width",
-           str(rec["width"]), "--frames", str(rec["frames"]), "--steps", str(cfg.sample_steps), "--seed",
-           str(cfg.seed), "--out", str(out / "samples")]
+           str(out / "train" / "dit.safetensors"), "--models.vae", str(models / "vae"), "--models.text-encoder",
+           str(llm), "--models.text-encoder-2", str(models / "text_encoder_2"), "--height", str(rec["height"]),
+           "--width", str(rec["width"]), "--frames", str(rec["frames"]), "--steps", str(cfg.sample_steps), "--seed",
+           str(cfg.seed), "--out", str(out / folder), *extra]
     if cfg.task == "i2v":  # the clip's first frame as the reference image
         from PIL import Image
 
@@ -118,7 +139,7 @@ def sample(cfg: DemoConfig, out: Path, preset: str) -> list[Path]:
         Image.fromarray(decode(rec["source"], [0]).numpy()[0]).save(out / "reference.png")
         cmd += ["--image", str(out / "reference.png")]
     run(cmd, env={"OMP_NUM_THREADS": "1"})
-    return sorted((out / "samples").glob("*.mp4"))
+    return sorted((out / folder).glob("*.mp4"))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def test_demo_learns(tmp):
     # 20 steps on 4 clips: ratio 0.75 (seed 0; seeds 1, 2: 0.80, 0.79), ~35 s on 2 cores; 12 steps gave 0.88
     steps = 20
     cmd = [sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(tmp / "demo"), "--steps", str(steps),
-           "--clips", "4", "--sample-steps", "2"]
+           "--clips", "4", "--sample-steps", "2", "--lora-steps", "4"]
     proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     out = proc.stdout + proc.stderr
