@@ -25,7 +25,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from graphs import bench, bench_data, bench_pipeline, bench_sample, bench_vae  # noqa: E402
+from graphs import bench, bench_data, bench_lora, bench_pipeline, bench_sample, bench_vae  # noqa: E402
 from graphs.bench_dit import DiTBench, TrainBench, bench_dit  # noqa: E402
 from parallel import runtime  # noqa: E402
 
@@ -33,13 +33,14 @@ _DIT_COLS = ["bench", "impl", "seconds", "ratio", "tokens_per_s", "tflops", "mfu
 COLS = {"dit": _DIT_COLS, "train": _DIT_COLS,
         "sample": ["bench", "impl", "seconds", "ratio", "rel_err", "tokens_per_s", "tflops", "mfu", "peak_mem_gb",
                    "dtype"],
-        "pipeline": bench_pipeline.COLS}
+        "pipeline": bench_pipeline.COLS, "lora": bench_lora.COLS}
 BENCHES = {"dit": (DiTBench, bench_dit), "train": (TrainBench, bench_dit), "sample": (bench_sample.SampleBench,
                                                                                   bench_sample.run),
            "vae": (bench_vae.VAEBench, bench_vae.run),
            "decode": (bench_data.DecodeBench, bench_data.run),
            "extract": (bench_data.ExtractBench, bench_data.run_extract),
-           "pipeline": (bench_pipeline.PipelineBench, bench_pipeline.run)}
+           "pipeline": (bench_pipeline.PipelineBench, bench_pipeline.run),
+           "lora": (bench_lora.LoraBench, bench_lora.run)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -83,3 +83,30 @@ def test_bench_cli_prints_the_table_and_writes_json(tmp, capsys):
     assert all(r["tflops"] > 0 and r["peak_mem_gb"] > 0 for r in rows)
     table = capsys.readouterr().out
     assert "| dit forward+backward | hvfunc+compile |" in table and "| dit forward | diffusers |" in table
+
+
+def test_lora_bench_rows(tmp_path):
+    """bench.py lora: a full-finetune row and a LoRA row at the same shapes; the LoRA's trainable
+    parameters are exactly the adapters of hvfunc.lora's spec and it holds less state."""
+    import json
+
+    from graphs.bench_lora import LoraBench
+    from hvfunc import lora
+
+    argv = ["lora", "--hidden", "64", "--heads", "2", "--double", "1", "--single", "1", "--frames", "2",
+            "--height", "4", "--width", "4", "--text-len", "4", "--text-dim", "32", "--repeats", "1", "--rank", "4",
+            "--json", str(tmp_path / "lora.json")]
+    import importlib.util
+    import math
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_cli", Path(__file__).resolve().parents[1] / "scripts/bench.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    rows = cli.main(argv)
+    assert [r["impl"] for r in rows] == ["full finetune", "lora r4"]
+    cfg = LoraBench(hidden=64, heads=2, double=1, single=1, text_dim=32).model()
+    want = sum(math.prod(s.shape) for s in lora.lora_spec(cfg, lora.LoraConfig(rank=4, alpha=4.0)).values())
+    assert rows[1]["trainable_params"] == want and rows[0]["trainable_params"] > want
+    assert rows[1]["state_gb"] < rows[0]["state_gb"] and 0 < rows[1]["mem_ratio"] and rows[1]["ratio"] > 0
+    assert [r["impl"] for r in json.loads((tmp_path / "lora.json").read_text())["rows"]] == ["full finetune", "lora r4"]
