@@ -24,13 +24,12 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from graphs import backends, bench
 from graphs.blocks import Compile, Recompute, make_blocks
 from graphs.precision import Precision, compute_dtypes
 from hvfunc import ckpt, flops, flow, io
-from hvfunc.config import dit_preset
+from hvfunc.config import DiTConfig, dit_preset
 from hvfunc.data.buckets import BucketSampler, group
 from hvfunc.data.features import NOIMG_KEYS, TEXT_KEYS, FeatureDataset, collate
 from hvfunc.dit_spec import dit_spec
@@ -38,7 +37,7 @@ from hvfunc.flow import TimestepSampling
 from hvfunc.params import init_leaves
 from parallel import checkpoint, gather, lora_train, optim, plan, runtime, step
 from parallel.lora_train import LoraTrain
-from parallel.mesh import ParallelConfig, build
+from parallel.mesh import Meshes, ParallelConfig, build
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,33 +211,40 @@ def train(cfg: TrainConfig) -> list[dict]:
     meshes = build(cfg.parallel, device_type=device.type)
     _check_buckets(ds.keys(), model, meshes)
     tune = lora_train.resolve(cfg.lora, model, cfg.init_from, cfg.seed)
-    ckdir, start = cfg.out / "checkpoints", 0
-    if (last := checkpoint.latest(ckdir)) is not None:  # before the (long) weight load
+    last = checkpoint.latest(cfg.out / "checkpoints")
+    if last is not None:  # before the (long) weight load
         lora_train.check_resume(json.loads((last / checkpoint.STATE_FILE).read_text()), tune, last)
     params = _params(cfg, model, meshes, device, tune)
     sampler = BucketSampler(group(ds.keys()), batch_size=cfg.batch_size, rank=meshes.data_rank,
                             world_size=meshes.data_world, seed=cfg.seed)
-    opt = optim.make_optimizer(params, cfg.optim)
+    run = _Run(params=params, opt=optim.make_optimizer(params, cfg.optim), sampler=sampler.state_dict())
     if last is not None:
-        state = checkpoint.load(last, _trained(params), opt)
+        state = checkpoint.load(last, _trained(params), run.opt)
         sampler.load_state_dict(state["sampler"])
-        start = state["step"]
-        runtime.print0(f"resumed from {last} at step {start}")
+        run.step, run.sampler = state["step"], state["sampler"]
+        runtime.print0(f"resumed from {last} at step {run.step}")
     if runtime.is_main():
         cfg.out.mkdir(parents=True, exist_ok=True)
         (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
-        _truncate_metrics(cfg.out / "metrics.jsonl", start)
+        _truncate_metrics(cfg.out / "metrics.jsonl", run.step)
+    fixed = _fixed(cfg, model, meshes, device, tune, uncond)
+    return _loop(fixed, run, _epochs(ds, sampler, cfg.num_workers))
+
+
+def _fixed(cfg: TrainConfig, model, meshes, device: torch.device, tune: lora_train.Tuning, uncond) -> _Fixed:
+    """The compute functions of the step: cast then gather per block (fp32 gradient reduction), LoRA's
+    alpha / r folded into the gathered B, recompute and compilation around them."""
     policy = Precision(compute=cfg.dtype, fp32_leaves=cfg.fp32_leaves)
-    sp = meshes.cfg.sequence_parallel
     split = plan.tp_split(dit_spec(model) | tune.spec)
-    # cast, then gather (fp32 gradient reduction); LoRA's alpha / r folded into the gathered B
-    prepare = gather.BlockGather(split, sp, policy=policy, lora_scale=tune.scale)
+    prepare = gather.BlockGather(split, meshes.cfg.sequence_parallel, policy=policy, lora_scale=tune.scale)
     blocks = make_blocks(prepare=prepare, recompute=cfg.recompute, compile=cfg.compile, dtensor_params=True,
                          device=device)
-    attn = backends.attention_backend(cfg.attention)
-    guidance = None if not model.guidance_embed else cfg.guidance * 1000
-    return _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, guidance, prepare, policy.dtype,
-                 device, start, tune.record())
+    compute = {"cfg": model, "meshes": meshes, "prepare": prepare, "attn": backends.attention_backend(cfg.attention),
+               "blocks": blocks}
+    return _Fixed(cfg=cfg, model=model, meshes=meshes, device=device, uncond=uncond, compute=compute,
+                  guidance=None if not model.guidance_embed else cfg.guidance * 1000,
+                  peak_flops=bench.matmul_peak(device, policy.dtype) * dist.get_world_size(),
+                  identity={"seed": cfg.seed, "model": cfg.model} | tune.record())
 
 
 def _trained(params: dict) -> dict:
@@ -263,69 +269,150 @@ def _truncate_metrics(path: Path, step: int) -> None:
         io.write_atomic(path, "".join(x + "\n" for x in keep).encode())
 
 
-def _loop(cfg, meshes, model, params, opt, ds, sampler, uncond, blocks, attn, guidance, prepare, dtype, device, start,
-          record):
-    batches, stop = _epochs(ds, sampler, cfg.num_workers), _Stop()
-    peak_flops = bench.matmul_peak(device, dtype) * dist.get_world_size()
+@dataclass(frozen=True, kw_only=True)
+class _Fixed:
+    """What every step uses and no step changes."""
+
+    cfg: TrainConfig
+    model: DiTConfig
+    meshes: Meshes
+    device: torch.device
+    uncond: dict | None
+    """Empty-prompt features for text dropout (None without uncond.safetensors)."""
+    compute: dict
+    """step.loss's keyword arguments: model config, meshes, prepare, attention, blocks."""
+    guidance: float | None
+    """Embedded guidance x1000, None for models without a guidance embedding."""
+    peak_flops: float
+    """Dense matmul peak of the whole world (for MFU)."""
+    identity: dict
+    """trainer.json's run entries next to the sampler state (seed, model; LoRA: adapters, base)."""
+
+
+@dataclass(kw_only=True)
+class _Run:
+    """What the loop carries from step to step (all a checkpoint restores, plus counters)."""
+
+    params: dict
+    opt: torch.optim.Optimizer
+    sampler: dict
+    """The sampler's state after the last batch taken (what a checkpoint stores)."""
+    step: int = 0
+    """Optimizer steps done."""
+    bad: int = 0
+    """Consecutive skipped (non-finite) steps."""
+    skipped: int = 0
+    records: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Batch:
+    """One optimizer step's data on this rank, conditioning dropped, with its draws."""
+
+    batch: dict
+    sigma: torch.Tensor
+    noise: torch.Tensor
+    dropped: list[int]
+    """[text-dropped, image-dropped] samples over all data-parallel ranks."""
+
+
+def _loop(fx: _Fixed, run: _Run, batches) -> list[dict]:
+    """data -> gradients -> optimizer -> logging -> checkpoint, once per optimizer step."""
+    cfg, stop = fx.cfg, _Stop()
     metrics = (cfg.out / "metrics.jsonl").open("a") if runtime.is_main() else None
-    bar = tqdm(total=cfg.steps, initial=start, disable=not runtime.is_main(), desc="train", unit="step")
-    records, bad, skipped, state = [], 0, 0, sampler.state_dict()
-    for s in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        batch, state = next(batches)
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        sigma, noise, text, image = _draws(batch, cfg, device)
-        batch, dropped = _with_dropout(batch, text, image, uncond)
-        if cfg.text_dropout > 0 or cfg.image_dropout > 0:  # else no collective: both counts are 0
-            dropped = _global_counts(dropped, meshes, device)
-        B = batch["latents"].shape[0]
-        g = None if guidance is None else torch.full((B,), guidance, device=device)
-        loss = step.loss(params, batch, sigma, noise, cfg=model, meshes=meshes, guidance=g, prepare=prepare,
-                         attn=attn, blocks=blocks)
-        value = step.global_mean(loss, meshes)
-        lr = cfg.optim.lr_at(s)
-        optim.set_lr(opt, lr)
-        norm = float("nan")
-        if math.isfinite(value):
-            loss.backward()
-            norm = optim.clip_(params, cfg.optim.grad_clip)
-        ok = math.isfinite(value) and math.isfinite(norm)
-        if ok:
-            opt.step()
-        bad, skipped = (0, skipped) if ok else (bad + 1, skipped + 1)
-        opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        rec = _record(s, value, norm, lr, dt, batch, model, meshes, peak_flops, device, skipped)
-        rec |= {"text_dropped": dropped[0], "image_dropped": dropped[1]}
-        records.append(rec)
+    bar = runtime.progress(cfg.steps, desc="train", unit="step", enabled=runtime.is_main(), initial=run.step)
+    try:
+        while run.step < cfg.steps:
+            t0 = time.perf_counter()
+            data = _data(fx, run, batches)
+            value = _gradients(fx, run, data)
+            lr, norm = _optimizer(fx, run, value)
+            rec = _record(fx, run, data, value, norm, lr, time.perf_counter() - t0)
+            _log(run, rec, metrics, bar)
+            if _checkpoint(fx, run, stop, rec):
+                runtime.print0(f"SIGTERM: saved a checkpoint at step {run.step} and stopped")
+                break
+    finally:
+        bar.close()
         if metrics:
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
-        bar.update(1)
-        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}")
-        trainer_state = {"sampler": state, "seed": cfg.seed, "model": cfg.model} | record
-        if bad > cfg.max_bad_steps:
-            checkpoint.save(cfg.out / "checkpoints", s + 1, _trained(params), opt, trainer_state, cfg.keep_last)
-            raise RuntimeError(f"{bad} consecutive steps had a non-finite loss or gradient (last loss {value}, "
-                               f"grad norm {norm}); stopped and saved a checkpoint in {cfg.out / 'checkpoints'}. "
-                               f"Lower the learning rate or check the data.")
-        stopping = stop.agreed(device)
-        if (s + 1) % cfg.checkpoint_every == 0 or s + 1 == cfg.steps or stopping:
-            checkpoint.save(cfg.out / "checkpoints", s + 1, _trained(params), opt, trainer_state, cfg.keep_last)
-        if stopping:
-            runtime.print0(f"SIGTERM: saved a checkpoint at step {s + 1} and stopped")
-            break
-    bar.close()
+            metrics.close()
+    return run.records
+
+
+def _data(fx: _Fixed, run: _Run, batches) -> _Batch:
+    """The next batch on the device, its per-sample draws (from the samples' seeds) and dropout."""
+    batch, run.sampler = next(batches)
+    batch = {k: v.to(fx.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    sigma, noise, text, image = _draws(batch, fx.cfg, fx.device)
+    batch, dropped = _with_dropout(batch, text, image, fx.uncond)
+    if fx.cfg.text_dropout > 0 or fx.cfg.image_dropout > 0:  # else no collective: both counts are 0
+        dropped = _global_counts(dropped, fx.meshes, fx.device)
+    return _Batch(batch=batch, sigma=sigma, noise=noise, dropped=dropped)
+
+
+def _gradients(fx: _Fixed, run: _Run, data: _Batch) -> float:
+    """Forward and backward (FSDP reduce-scatter inside); the step's global mean loss. A non-finite
+    loss has no backward (every rank sees the same value, so all skip it)."""
+    B = data.batch["latents"].shape[0]
+    g = None if fx.guidance is None else torch.full((B,), fx.guidance, device=fx.device)
+    loss = step.loss(run.params, data.batch, data.sigma, data.noise, guidance=g, **fx.compute)
+    value = step.global_mean(loss, fx.meshes)
+    if math.isfinite(value):
+        loss.backward()
+    return value
+
+
+def _optimizer(fx: _Fixed, run: _Run, value: float) -> tuple[float, float]:
+    """(lr, grad norm): clip and step when loss and gradients are finite, else count a skipped step."""
+    lr = fx.cfg.optim.lr_at(run.step)
+    optim.set_lr(run.opt, lr)
+    norm = optim.clip_(run.params, fx.cfg.optim.grad_clip) if math.isfinite(value) else float("nan")
+    ok = math.isfinite(value) and math.isfinite(norm)
+    if ok:
+        run.opt.step()
+    run.bad, run.skipped = (0, run.skipped) if ok else (run.bad + 1, run.skipped + 1)
+    run.opt.zero_grad(set_to_none=True)
+    run.step += 1
+    return lr, norm
+
+
+def _log(run: _Run, rec: dict, metrics, bar) -> None:
+    run.records.append(rec)
     if metrics:
-        metrics.close()
-    return records
+        metrics.write(json.dumps(rec) + "\n")
+        metrics.flush()
+    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.1e}")
+    bar.update(1)
 
 
-def _record(s, value, norm, lr, dt, batch, model, meshes, peak_flops, device, skipped) -> dict:
-    B_global = batch["latents"].shape[0] * meshes.data_world
+def _checkpoint(fx: _Fixed, run: _Run, stop: _Stop, rec: dict) -> bool:
+    """Save every checkpoint_every steps, at the end and on SIGTERM (then True: stop); too many bad
+    steps in a row save and raise."""
+    cfg = fx.cfg
+
+    def save() -> None:
+        checkpoint.save(cfg.out / "checkpoints", run.step, _trained(run.params), run.opt,
+                        {"sampler": run.sampler} | fx.identity, cfg.keep_last)
+
+    if run.bad > cfg.max_bad_steps:
+        save()
+        raise RuntimeError(f"{run.bad} consecutive steps had a non-finite loss or gradient (last loss {rec['loss']}, "
+                           f"grad norm {rec['grad_norm']}); stopped and saved a checkpoint in "
+                           f"{cfg.out / 'checkpoints'}. Lower the learning rate or check the data.")
+    stopping = stop.agreed(fx.device)
+    if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps or stopping:
+        save()
+    return stopping
+
+
+def _record(fx: _Fixed, run: _Run, data: _Batch, value: float, norm: float, lr: float, dt: float) -> dict:
+    """metrics.jsonl's record of the step just taken."""
+    batch, model = data.batch, fx.model
+    B_global = batch["latents"].shape[0] * fx.meshes.data_world
     T, H, W = (n // p for n, p in zip(batch["latents"].shape[2:], model.patch_size))
     video, text = T * H * W, float(batch["text_mask"].float().sum(1).mean())
     f = 3 * flops.forward_flops(model, batch=B_global, video_tokens=video, text_tokens=int(text))
-    return {"step": s + 1, "loss": value, "grad_norm": norm, "lr": lr, "seconds": dt,
-            "tokens_per_s": B_global * video / dt, "samples_per_s": B_global / dt, "mfu": f / dt / peak_flops,
-            "peak_mem_gb": runtime.peak_memory_gb(device), "skipped_steps": skipped}
+    return {"step": run.step, "loss": value, "grad_norm": norm, "lr": lr, "seconds": dt,
+            "tokens_per_s": B_global * video / dt, "samples_per_s": B_global / dt, "mfu": f / dt / fx.peak_flops,
+            "peak_mem_gb": runtime.peak_memory_gb(fx.device), "skipped_steps": run.skipped,
+            "text_dropped": data.dropped[0], "image_dropped": data.dropped[1]}
