@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from graphs.blocks import Backend, Compile, make_blocks
+from graphs.swap import Stored
 from hvfunc import dit, sample
 from hvfunc.cache import StepCache
 from hvfunc.params import Params
@@ -44,10 +45,17 @@ class SampleGraphs:
     """Capture the step (blocks, final layer, CFG, Euler) in a CUDA graph; CUDA only."""
 
 
-def sampling_blocks(g: SampleGraphs, *, device: torch.device | str = "cpu",
-                    backend_fn: Callable | None = None) -> dit.Blocks:
-    """The training's block functions compiled for fixed shapes (backend_fn: a counting backend in tests)."""
-    return make_blocks(compile=Compile(backend=g.backend, dynamic=False), backend_fn=backend_fn, device=device)
+def sampling_blocks(g: SampleGraphs, *, device: torch.device | str = "cpu", backend_fn: Callable | None = None,
+                    stored: Stored | None = None) -> dit.Blocks:
+    """The training's block functions compiled for fixed shapes (backend_fn: a counting backend in tests).
+
+    stored: weights stored under a MemoryConfig (graphs.swap.store): fp8's upcast becomes the
+    blocks' prepare (inside the compiled graph), the host -> device swap runs before them."""
+    def make(prepare):
+        return make_blocks(prepare=prepare, compile=Compile(backend=g.backend, dynamic=False), backend_fn=backend_fn,
+                           device=device)
+
+    return make(None) if stored is None else stored.blocks(make)
 
 
 Capture = Callable[[Callable[[], Tensor]], Callable[[], Tensor]]
@@ -104,14 +112,15 @@ def static_runner(step: sample.StepFn, capture: Capture = cuda_capture) -> sampl
 
 def denoise(params: Params, noise: Tensor, cond: sample.Cond, uncond: sample.Cond | None = None, *,
             graphs: SampleGraphs = SampleGraphs(), backend_fn: Callable | None = None,
-            cache: StepCache | None = None, **kw) -> Tensor:
+            cache: StepCache | None = None, stored: Stored | None = None, **kw) -> Tensor:
     """hvfunc.sample.denoise with compiled blocks and, if asked, the step in a CUDA graph.
 
     cache: the opt-in step cache (its skip decision is a host read each step, so not with
-    cuda_graph). kw: cfg, sampling, image_latents, attn, callback, stats (as hvfunc.sample.denoise)."""
+    cuda_graph). stored: params is stored.params (graphs.swap.store), the blocks get its stages.
+    kw: cfg, sampling, image_latents, attn, callback, stats (as hvfunc.sample.denoise)."""
     if graphs.cuda_graph and cache is not None and cache.enabled:
         raise ValueError(f"cuda_graph=True and cache.kind={cache.kind!r} do not go together: the cache decides "
                          "on the host every step, which a captured step cannot; use one of them")
-    blocks = sampling_blocks(graphs, device=noise.device, backend_fn=backend_fn)
+    blocks = sampling_blocks(graphs, device=noise.device, backend_fn=backend_fn, stored=stored)
     return sample.denoise(params, noise, cond, uncond, blocks=blocks,
                           runner=static_runner if graphs.cuda_graph else None, cache=cache, **kw)

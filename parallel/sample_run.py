@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from graphs import backends
+from graphs import backends, swap
 from graphs.sampling import SampleGraphs, sampling_blocks, static_runner
 from hvfunc import ckpt, dit_spec, io, media, params, pipeline, sample
 from hvfunc.cache import CacheStats
@@ -114,9 +114,29 @@ def _read_dit(cfg: SampleConfig, device: torch.device) -> tuple[dict, str]:
     return {k: v.to(device) for k, v in ckpt.load_dit(cfg.dit, model, dtype=dtype).items()}, str(cfg.dit)
 
 
+def _stored_dit(cfg: SampleConfig, device: torch.device) -> tuple[swap.Stored, str, dict]:
+    """The DiT stored under --memory.*, its source, and the weights' GB on the device / host.
+
+    Swap or fp8: read on the host, so the device never holds the whole compute-dtype model."""
+    dtype = DTYPES[cfg.dtype]
+    if not cfg.memory.enabled:
+        dit, source = _load_dit(cfg, device)
+        stored = swap.Stored(params=dit, dtype=dtype)
+    else:
+        dit, source = _load_dit(cfg, torch.device("cpu"))
+        stored = swap.store(dit, cfg.memory, cfg=dit_preset(cfg.model), device=device, dtype=dtype)
+        del dit
+    held = {"device": 0, "host": 0}
+    for v in stored.params.values():  # swapped leaves are views of the host buffers
+        held["device" if v.device.type == device.type else "host"] += v.nbytes
+    if stored.swap is not None:
+        held["device"] += 2 * stored.swap.slot_bytes
+    return stored, source, {k: round(b / 1e9, 3) for k, b in held.items()}
+
+
 def _graphs(cfg: SampleConfig, device: torch.device) -> SampleGraphs:
     on = cfg.cuda_graph == "on" or (cfg.cuda_graph == "auto" and device.type == "cuda" and cfg.parallel.cp == 1
-                                    and not cfg.cache.enabled)
+                                    and not cfg.cache.enabled and not cfg.memory.blocks_to_swap)
     if on and device.type != "cuda":
         raise ValueError(f"--cuda-graph on needs a CUDA device; running on {device}")
     return SampleGraphs(backend=cfg.compile.backend, cuda_graph=on)
@@ -188,11 +208,11 @@ def run(cfg: SampleConfig) -> list[Path]:
     vae_dir, llm, clip = _model_paths(cfg, p.i2v)
     conds, text_s = _text_stage(cfg, p, todo, llm, clip, device)
     vparams, vcfg = load_vae(vae_dir, dtype=DTYPES[cfg.vae_dtype])
-    dit, source = _load_dit(cfg, device)
+    stored, source, weights_gb = _stored_dit(cfg, device)
     graphs = _graphs(cfg, device)
-    models = {"dit": dit, "vae": {k: v.to(device) for k, v in vparams.items()}, "vae_cfg": vcfg,
-              "attn": backends.attention_backend(cfg.attention), "blocks": sampling_blocks(graphs, device=device),
-              "runner": None}
+    models = {"dit": stored.params, "vae": {k: v.to(device) for k, v in vparams.items()}, "vae_cfg": vcfg,
+              "attn": backends.attention_backend(cfg.attention), "runner": None,
+              "blocks": sampling_blocks(graphs, device=device, stored=stored)}
     random = [n for n, r in (("DiT", cfg.dit is None), ("VAE and text encoders", cfg.random_models)) if r]
     if random:
         runtime.print0(f"note: random weights ({', '.join(random)}): a smoke test, the videos show noise")
@@ -208,7 +228,7 @@ def run(cfg: SampleConfig) -> list[Path]:
         t1 = time.perf_counter()
         if ranks.lead:
             written.append(_write(cfg, p, job, lat, models, device, {
-                "dit_source": source, "random_weights": random, "steps": steps,
+                "dit_source": source, "weights_gb": weights_gb, "random_weights": random, "steps": steps,
                 "seconds": {"text_per_prompt": text_s / max(1, len(conds)), "denoise": t1 - t0},
                 "ranks": {"world": dist.get_world_size(), "cp": cfg.parallel.cp}}))
     dist.barrier()

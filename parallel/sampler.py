@@ -24,7 +24,9 @@ from typing import Annotated, Literal
 import torch
 import tyro
 
+from graphs import fp8, swap
 from graphs.blocks import Compile
+from graphs.swap import MemoryConfig
 from hvfunc import media, sample, vae
 from hvfunc.cache import StepCache
 from hvfunc.config import VAE_PRESETS, dit_preset
@@ -99,6 +101,8 @@ class SampleConfig:
     """Capture the whole step in a CUDA graph; auto: on CUDA without a step cache or cp."""
     cache: StepCache = field(default_factory=StepCache)
     """Opt-in step cache (changes results; never on by default): --cache.kind teacache|fbcache."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """Block swap and fp8 weight storage (fp8 changes results: opt-in)."""
     vae_tiling: bool = True
     """Tiled VAE decode with upstream's numbers (bounded memory at 720p x 129 frames)."""
     parallel: SampleParallel = field(default_factory=lambda: SampleParallel())
@@ -180,6 +184,19 @@ def _check_shape(cfg: SampleConfig, h: int, w: int) -> None:
                          f"--parallel.cp {cfg.parallel.cp}: change the size or frames")
 
 
+def _check_memory(cfg: SampleConfig) -> None:
+    m = cfg.memory
+    swap.swapped_prefixes(dit_preset(cfg.model), m.blocks_to_swap)  # range check
+    if m.blocks_to_swap and cfg.cuda_graph == "on":
+        raise ValueError("--cuda-graph on and --memory.blocks-to-swap do not go together: the swap decides its "
+                         "copies on the host per block; use --cuda-graph auto or off")
+    if m.enabled and cfg.cache.kind == "teacache":
+        raise ValueError("--cache.kind teacache reads double block 0's weights outside the blocks, which "
+                         "--memory.* stores swapped or in fp8: use --cache.kind fbcache")
+    if m.fp8_weights:
+        fp8.require()
+
+
 def _check_weights(cfg: SampleConfig) -> None:
     if cfg.dit is None and not cfg.tiny:
         raise ValueError(f"model {cfg.model!r} needs --dit (official .pt, diffusers folder, safetensors or a run's "
@@ -202,7 +219,8 @@ def _settings(cfg: SampleConfig) -> dict:
     """Everything of the run that decides pixels, with the weights' identities (sidecar, reruns)."""
     real_cfg = cfg.sampling.real_cfg
     return {"model": cfg.model, "frames": cfg.frames, "fps": cfg.fps, "sampling": asdict(cfg.sampling),
-            "cache": asdict(cfg.cache), "negative_prompt": cfg.negative_prompt if real_cfg else None,
+            "cache": asdict(cfg.cache), "memory": asdict(cfg.memory),
+            "negative_prompt": cfg.negative_prompt if real_cfg else None,
             "dtype": cfg.dtype, "vae_dtype": cfg.vae_dtype, "text_dtype": cfg.text_dtype,
             "vae_tiling": cfg.vae_tiling, "dit": sj.file_identity(cfg.dit), "random_dit": cfg.dit is None,
             "lora": [(sj.file_identity(p), scale) for p, scale in map(parse_spec, cfg.lora)],
@@ -220,6 +238,7 @@ def plan(cfg: SampleConfig) -> Plan:
     if cfg.cuda_graph == "on" and cfg.cache.enabled:
         raise ValueError(f"--cuda-graph on captures the whole step, but --cache.kind {cfg.cache.kind} decides on "
                          "the host each step: use one of them")
+    _check_memory(cfg)
     _check_weights(cfg)
     prompts = _prompts(cfg)
     images = _images(cfg, len(prompts), i2v)
