@@ -1,10 +1,20 @@
 """The training loop: flow matching on extracted features over a (dp, cp, tp) mesh.
 
-One function, `train(cfg)`, used by scripts/train.py and the tests. Per step: a global
-batch from the bucket sampler (one shape on every rank), per-sample sigma / noise / text
+One function, `train(cfg)`, used by scripts/train.py and the tests. Per optimizer step: a
+global batch from the bucket sampler (one shape on every rank), per-sample sigma / noise / text
 and image dropout drawn from the sampler's per-draw seeds (so every layout sees the same numbers),
-the sharded loss, backward (FSDP reduce-scatter inside), global-norm clipping, AdamW with
-fp32 master weights. Non-finite losses or gradients skip the step (counted); too many in
+then per micro batch the sharded loss and its backward, global-norm clipping, AdamW with
+fp32 master weights.
+
+Gradient accumulation (--global-batch-size G): each rank takes its G / dp samples at once and
+runs them as G / (micro x dp) micro batches of --batch-size. Each micro batch's loss is divided
+by the global element count of the whole step, so the summed gradients are those of one
+process with the whole batch. The FSDP reduce-scatter (HSDP all-reduce) stays in the gather's
+backward and runs once per micro batch, its sharded fp32 result summed into .grad: exact (a sum
+of reduce-scatters is the reduce-scatter of the sum, up to fp32 rounding order) and keeping
+FSDP's memory. Deferring it to once per step would need an unsharded fp32 gradient buffer per
+rank (the whole trainable model, 51 GB at 13B) or per-block buffers kept across micro batches;
+we chose the collective per micro batch and have not measured the alternative. Non-finite losses or gradients skip the step (counted); too many in
 a row save a checkpoint and stop with a clear message. Checkpoints every N steps and on
 SIGTERM; `metrics.jsonl` gets one record per step. What trains is a mask over leaf names
 (parallel.lora_train): every leaf, or LoRA adapters on frozen base weights; checkpoints hold
@@ -58,7 +68,10 @@ class TrainConfig:
     steps: int = 100
     """Optimizer steps in total (a resumed run continues up to this)."""
     batch_size: int = 1
-    """Samples per data-parallel rank per step."""
+    """Micro batch: samples per data-parallel rank per forward / backward."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all ranks: batch_size x data-parallel size x accumulation steps.
+    None: batch_size x data-parallel size (no accumulation)."""
     seed: int = 0
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Compute dtype, also of the per-block weight all-gather; master weights, optimizer state and
@@ -139,6 +152,18 @@ def _with_dropout(batch: dict, text: list[bool], image: list[bool], uncond: dict
     return out, [sum(text), sum(image)]
 
 
+def _accumulation(cfg: TrainConfig, dp: int) -> int:
+    """Micro batches per optimizer step: global batch / (micro batch x data-parallel size)."""
+    if cfg.global_batch_size is None:
+        return 1
+    per_pass = cfg.batch_size * dp
+    if cfg.global_batch_size <= 0 or cfg.global_batch_size % per_pass:
+        raise ValueError(f"--global-batch-size {cfg.global_batch_size} is not a positive multiple of --batch-size "
+                         f"{cfg.batch_size} x data-parallel size {dp} = {per_pass}: choose a global batch that divides "
+                         f"into micro batches of {cfg.batch_size} on each of the {dp} data-parallel ranks")
+    return cfg.global_batch_size // per_pass
+
+
 def _check_dropout(cfg: TrainConfig, task: str) -> dict | None:
     """Dropout settings that cannot work fail before the first step; returns the uncond features."""
     for name, p in (("text_dropout", cfg.text_dropout), ("image_dropout", cfg.image_dropout)):
@@ -210,12 +235,14 @@ def train(cfg: TrainConfig) -> list[dict]:
     device = runtime.init(cfg.device)
     meshes = build(cfg.parallel, device_type=device.type)
     _check_buckets(ds.keys(), model, meshes)
+    accum = _accumulation(cfg, meshes.data_world)
     tune = lora_train.resolve(cfg.lora, model, cfg.init_from, cfg.seed)
     last = checkpoint.latest(cfg.out / "checkpoints")
     if last is not None:  # before the (long) weight load
         lora_train.check_resume(json.loads((last / checkpoint.STATE_FILE).read_text()), tune, last)
     params = _params(cfg, model, meshes, device, tune)
-    sampler = BucketSampler(group(ds.keys()), batch_size=cfg.batch_size, rank=meshes.data_rank,
+    # a rank's share of the global batch, from one bucket (one shape), split into micro batches later
+    sampler = BucketSampler(group(ds.keys()), batch_size=cfg.batch_size * accum, rank=meshes.data_rank,
                             world_size=meshes.data_world, seed=cfg.seed)
     run = _Run(params=params, opt=optim.make_optimizer(params, cfg.optim), sampler=sampler.state_dict())
     if last is not None:
@@ -227,11 +254,12 @@ def train(cfg: TrainConfig) -> list[dict]:
         cfg.out.mkdir(parents=True, exist_ok=True)
         (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
         _truncate_metrics(cfg.out / "metrics.jsonl", run.step)
-    fixed = _fixed(cfg, model, meshes, device, tune, uncond)
+    fixed = _fixed(cfg, model, meshes, device, tune, uncond, accum)
     return _loop(fixed, run, _epochs(ds, sampler, cfg.num_workers))
 
 
-def _fixed(cfg: TrainConfig, model, meshes, device: torch.device, tune: lora_train.Tuning, uncond) -> _Fixed:
+def _fixed(cfg: TrainConfig, model, meshes, device: torch.device, tune: lora_train.Tuning, uncond,
+           accum: int) -> _Fixed:
     """The compute functions of the step: cast then gather per block (fp32 gradient reduction), LoRA's
     alpha / r folded into the gathered B, recompute and compilation around them."""
     policy = Precision(compute=cfg.dtype, fp32_leaves=cfg.fp32_leaves)
@@ -241,7 +269,7 @@ def _fixed(cfg: TrainConfig, model, meshes, device: torch.device, tune: lora_tra
                          device=device)
     compute = {"cfg": model, "meshes": meshes, "prepare": prepare, "attn": backends.attention_backend(cfg.attention),
                "blocks": blocks}
-    return _Fixed(cfg=cfg, model=model, meshes=meshes, device=device, uncond=uncond, compute=compute,
+    return _Fixed(cfg=cfg, model=model, meshes=meshes, device=device, uncond=uncond, compute=compute, accum=accum,
                   guidance=None if not model.guidance_embed else cfg.guidance * 1000,
                   peak_flops=bench.matmul_peak(device, policy.dtype) * dist.get_world_size(),
                   identity={"seed": cfg.seed, "model": cfg.model} | tune.record())
@@ -281,6 +309,8 @@ class _Fixed:
     """Empty-prompt features for text dropout (None without uncond.safetensors)."""
     compute: dict
     """step.loss's keyword arguments: model config, meshes, prepare, attention, blocks."""
+    accum: int
+    """Micro batches per optimizer step (gradient accumulation)."""
     guidance: float | None
     """Embedded guidance x1000, None for models without a guidance embedding."""
     peak_flops: float
@@ -351,15 +381,24 @@ def _data(fx: _Fixed, run: _Run, batches) -> _Batch:
 
 
 def _gradients(fx: _Fixed, run: _Run, data: _Batch) -> float:
-    """Forward and backward (FSDP reduce-scatter inside); the step's global mean loss. A non-finite
-    loss has no backward (every rank sees the same value, so all skip it)."""
-    B = data.batch["latents"].shape[0]
-    g = None if fx.guidance is None else torch.full((B,), fx.guidance, device=fx.device)
-    loss = step.loss(run.params, data.batch, data.sigma, data.noise, guidance=g, **fx.compute)
-    value = step.global_mean(loss, fx.meshes)
-    if math.isfinite(value):
+    """Forward and backward of each micro batch (FSDP reduce-scatter inside, gradients summed into the
+    sharded fp32 .grad); the step's global mean loss. Every micro batch of a step has the same shape
+    (one bucket), so dividing its loss (local sum / its global element count) by the number of micro
+    batches divides by the element count of the whole step: the sum is the whole batch's mean loss.
+    A non-finite loss ends the step without its backward (every rank sees the same value)."""
+    total, mb = 0.0, fx.cfg.batch_size
+    for i in range(0, data.batch["latents"].shape[0], mb):
+        part = {k: v[i:i + mb] for k, v in data.batch.items()}
+        B = part["latents"].shape[0]
+        g = None if fx.guidance is None else torch.full((B,), fx.guidance, device=fx.device)
+        loss = step.loss(run.params, part, data.sigma[i:i + mb], data.noise[i:i + mb], guidance=g, **fx.compute)
+        loss = loss / fx.accum if fx.accum > 1 else loss
+        value = step.global_mean(loss, fx.meshes)
+        total += value
+        if not math.isfinite(value):
+            break
         loss.backward()
-    return value
+    return total
 
 
 def _optimizer(fx: _Fixed, run: _Run, value: float) -> tuple[float, float]:
@@ -408,11 +447,12 @@ def _checkpoint(fx: _Fixed, run: _Run, stop: _Stop, rec: dict) -> bool:
 def _record(fx: _Fixed, run: _Run, data: _Batch, value: float, norm: float, lr: float, dt: float) -> dict:
     """metrics.jsonl's record of the step just taken."""
     batch, model = data.batch, fx.model
-    B_global = batch["latents"].shape[0] * fx.meshes.data_world
+    B_global = batch["latents"].shape[0] * fx.meshes.data_world  # every micro batch of the step
     T, H, W = (n // p for n, p in zip(batch["latents"].shape[2:], model.patch_size))
     video, text = T * H * W, float(batch["text_mask"].float().sum(1).mean())
     f = 3 * flops.forward_flops(model, batch=B_global, video_tokens=video, text_tokens=int(text))
-    return {"step": run.step, "loss": value, "grad_norm": norm, "lr": lr, "seconds": dt,
+    return {"step": run.step, "loss": value, "grad_norm": norm, "lr": lr, "seconds": dt, "samples": B_global,
+            "tokens": B_global * video,
             "tokens_per_s": B_global * video / dt, "samples_per_s": B_global / dt, "mfu": f / dt / fx.peak_flops,
             "peak_mem_gb": runtime.peak_memory_gb(fx.device), "skipped_steps": run.skipped,
             "text_dropped": data.dropped[0], "image_dropped": data.dropped[1]}
