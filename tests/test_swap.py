@@ -13,6 +13,7 @@ from conftest import random_params
 from reference import rel_err
 from test_sample import B, H, T, W, _conds
 from test_sample_cli import _main, cli
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from graphs import fp8, sampling
 from graphs.swap import MemoryConfig, block_prefixes, store
@@ -23,7 +24,7 @@ from hvfunc.params import sub
 pytestmark = pytest.mark.skipif(fp8.FP8 is None, reason="torch without float8_e4m3fn")
 
 
-def _sample(cfg, params, *, stored=None, backend="none", steps=2, blocks=None):
+def _sample(cfg, params, *, stored=None, backend="none", steps=2, blocks=None, backend_fn=None):
     """Real-CFG sampling of tiny latents (I2V: image latents too) through graphs.sampling or, with
     `blocks`, hvfunc.sample.denoise with those blocks."""
     cond, uncond = _conds(cfg)
@@ -34,7 +35,7 @@ def _sample(cfg, params, *, stored=None, backend="none", steps=2, blocks=None):
     if blocks is not None:
         return sample.denoise(params, noise, cond, uncond, blocks=blocks, **kw)
     return sampling.denoise(params, noise, cond, uncond, graphs=sampling.SampleGraphs(backend=backend),
-                            stored=stored, **kw)
+                            stored=stored, backend_fn=backend_fn, **kw)
 
 
 @pytest.mark.parametrize("model,backend,n", [("tiny", "none", 3), ("tiny-i2v", "none", 4),
@@ -48,7 +49,11 @@ def test_swapped_sampling_equals_resident_bit_for_bit(model, backend, n):
     swapped = block_prefixes(cfg)[-n:]
     assert sorted(st.swap.order) == sorted(swapped) and len(st.params) == len(params)
     assert all(st.params[k].data_ptr() != params[k].data_ptr() for k in params if k.startswith(tuple(swapped)))
-    assert torch.equal(_sample(cfg, st.params, stored=st, backend=backend), want)
+    torch._dynamo.reset()
+    cnt = CompileCounterWithBackend(backend) if backend != "none" else None
+    assert torch.equal(_sample(cfg, st.params, stored=st, backend=backend, backend_fn=cnt), want)
+    if cnt is not None:
+        assert cnt.frame_count == 2  # one graph per block kind, swapped or resident alike
 
 
 def test_copies_run_one_swapped_block_ahead_and_each_block_sees_its_own_weights():
