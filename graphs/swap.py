@@ -1,14 +1,15 @@
 """Block swap: the host -> device stage of the per-block prepare chain, and how a DiT tree is
 stored under a MemoryConfig (swap and fp8 storage, graphs/fp8.py) for sampling.
 
-The last `blocks_to_swap` blocks of the run order (double 0..D-1, then single 0..S-1;
-counted from the end, as musubi-tuner's ModelOffloader keeps blocks[: n - blocks_to_swap]
-on the device) live in host memory, each block as one flat byte buffer (pinned on CUDA /
-NPU, its leaves are views of it). The device holds a ring of 2 flat slots, each the size
-of the largest swapped block. Entering swapped block j waits for its copy (issued one
-swapped block earlier on a side stream, or now on a miss) and issues the copy of the next
-swapped block in the cyclic run order into the other slot, after the work already queued
-on the compute stream (which last read that slot), so the copy overlaps block j's compute.
+The last `blocks_to_swap` blocks of the run order (double 0..D-1, then single 0..S-1)
+live in host memory, each block as one flat byte buffer (pinned on CUDA / NPU, its leaves
+are views of it). (musubi-tuner also swaps from the end, but of each list: its N swaps
+N // 2 double and 2 (N - N // 2) + 1 single blocks, so its 38 is 19 + 39 of our 60.)
+The device holds a ring of 2 flat slots, each the size of the largest swapped block.
+Entering swapped block j waits for its copy (issued one swapped block earlier on a side
+stream, or now on a miss) and issues the copy of the next swapped block in the cyclic run
+order into the other slot, after the work already queued on the compute stream (which
+last read that slot), so the copy overlaps block j's compute.
 After the last block the first swapped block is fetched for the next step.
 Leaf bytes are copied as they are: the swapped path computes what the resident path does,
 bit for bit. On CPU the "device" is the CPU and the stage is a plain copy into the ring.
