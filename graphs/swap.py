@@ -207,10 +207,11 @@ def store(params: Params, mem: MemoryConfig, *, cfg: DiTConfig, device: torch.de
     swapped = swapped_prefixes(cfg, mem.blocks_to_swap)
     out: Params = {}
     for k, v in params.items():
-        home = "cpu" if k.startswith(tuple(swapped)) else device  # one swapped leaf at a time on the device
-        v = v.to(device)
-        pair = fp8.quantize(v) if mem.fp8_weights and fp8.is_block_linear(k, v) else (v,)
-        out |= {k + suffix: t.to(home) for suffix, t in zip(("", fp8.SCALE), pair)}
+        home = torch.device("cpu") if k.startswith(tuple(swapped)) else device
+        if mem.fp8_weights and fp8.is_block_linear(k, v):  # on the device, one leaf at a time
+            out |= {n: t.to(home) for n, t in zip((k, k + fp8.SCALE), fp8.quantize(v.to(device)))}
+        else:
+            out[k] = v.to(home)
     blocks = {pre: {k[len(pre):]: v for k, v in out.items() if k.startswith(pre)} for pre in swapped}
     swap = None
     if swapped:
