@@ -14,8 +14,7 @@ Shapes: B clips, C=3 pixels / 16 latent channels, T frames, H, W.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +29,7 @@ from hvfunc.data.features import NOIMG_KEYS, noimg_problem, sample_path
 from hvfunc.data.video import ClipError
 from hvfunc.params import Params
 from hvfunc.text import TextEncoders, black_images, encode_prompts
+from hvfunc.vae.ckpt import save_vae
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,9 +63,7 @@ def write_tiny_models(root: str | Path, task: str) -> tuple[Path, Path, Path]:
     from hvfunc.text.tiny import write_tiny_encoders
 
     root, cfg = Path(root), VAE_PRESETS["tiny"]
-    weights = params.init(vae.vae_spec(cfg), generator=torch.Generator().manual_seed(0))
-    io.save_pickle(weights, root / "vae" / "pytorch_model.pt")
-    io.write_atomic(root / "vae" / "config.json", json.dumps(asdict(cfg), indent=1).encode())
+    save_vae(params.init(vae.vae_spec(cfg), generator=torch.Generator().manual_seed(0)), cfg, root / "vae")
     llm, clip = write_tiny_encoders(root, i2v=task == "i2v")
     return root / "vae", llm, clip
 

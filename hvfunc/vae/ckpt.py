@@ -1,4 +1,4 @@
-"""VAE weights and config from disk: official `vae/pytorch_model.pt` + `config.json` (and diffusers').
+"""VAE weights and config to and from disk: official `vae/pytorch_model.pt` + `config.json` (and diffusers').
 
 The official keys are hvfunc's keys and diffusers' keys, so conversion is only unwrapping:
 upstream's loader takes `ckpt["state_dict"]` when present and, when any key starts with
@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from hvfunc import io
 from hvfunc.config import VAEConfig
 from hvfunc.params import Params, check_tree
 from hvfunc.vae.spec import vae_spec
@@ -107,3 +109,13 @@ def load_vae(path: str | Path, cfg: VAEConfig | None = None, *,
     except ValueError as e:
         raise ValueError(f"{weights}: {e}") from None
     return params if dtype is None else {k: v.to(dtype) for k, v in params.items()}, cfg
+
+
+def save_vae(params: Params, cfg: VAEConfig, folder: str | Path) -> Path:
+    """Write `folder/pytorch_model.pt` (the state dict, official keys) and `folder/config.json`,
+    each atomically: what load_vae and diffusers' AutoencoderKLHunyuanVideo read. Returns folder."""
+    check_tree(params, vae_spec(cfg), what="VAE params")
+    folder = Path(folder)
+    io.save_pickle(dict(params), folder / "pytorch_model.pt")
+    io.write_atomic(folder / "config.json", json.dumps(asdict(cfg), indent=1).encode())
+    return folder
