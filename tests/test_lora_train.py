@@ -128,8 +128,9 @@ def _spy(rank, world, cfgs, out):
                                  for k, v in params.items() if v.grad is not None}
         return real_clip(params, max_norm)
 
-    def loop(cfg, meshes, model, params, opt, *args):
-        records = real_loop(cfg, meshes, model, params, opt, *args)
+    def loop(fixed, run, batches):
+        records = real_loop(fixed, run, batches)
+        params, opt = run.params, run.opt
         names = {id(v): k for k, v in params.items()}
         runs[-1] |= {"losses": [r["loss"] for r in records], "final": plan.full({k: v.detach() for k, v in
                                                                                  params.items()}),
