@@ -1,7 +1,8 @@
 """Training checkpoints with torch.distributed.checkpoint (DCP): resumable and reshardable.
 
 Layout: <dir>/step-00000100/ holds the DCP shards of {"params", "optim"} (the trainable
-leaves: all of them, or LoRA's adapters) and trainer.json (step, sampler position, seeds,
+leaves: all of them, or LoRA's adapters), with EMA on also "ema" (parallel.ema, the same
+leaves and placements), and trainer.json (step, sampler position, seeds,
 config; with LoRA the adapters' config and the base weights' identity). A checkpoint is written to a hidden
 `.step-*.partial` folder and renamed only after every rank finished, then `latest` is
 updated atomically: a kill at any moment leaves the previous checkpoint usable. DCP
@@ -51,15 +52,24 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _state(params: Params, opt: torch.optim.Optimizer | None, ema: Params | None) -> dict:
+    """What DCP writes and reads: detached leaves, optimizer state, and the EMA when there is one."""
+    state: dict = {"params": {k: v.detach() for k, v in params.items()}}
+    if opt is not None:
+        state["optim"] = optim_state(params, opt)
+    if ema is not None:
+        state["ema"] = ema
+    return state
+
+
 def save(root: str | Path, step: int, params: Params, opt: torch.optim.Optimizer, trainer: dict,
-         keep_last: int = 2) -> Path:
+         keep_last: int = 2, ema: Params | None = None) -> Path:
     root = Path(root)
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.partial"
     if _rank0():
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    dcp.save({"params": {k: v.detach() for k, v in params.items()}, "optim": optim_state(params, opt)},
-             checkpoint_id=str(tmp))
+    dcp.save(_state(params, opt, ema), checkpoint_id=str(tmp))
     _barrier()
     if _rank0():
         io.write_atomic(tmp / STATE_FILE, json.dumps(dict(trainer, step=step), indent=1).encode())
@@ -82,15 +92,12 @@ def latest(root: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load(path: str | Path, params: Params, opt: torch.optim.Optimizer | None) -> dict:
-    """Load in place into `params` (any mesh) and the optimizer; returns trainer.json."""
+def load(path: str | Path, params: Params, opt: torch.optim.Optimizer | None, ema: Params | None = None) -> dict:
+    """Load in place into `params` (any mesh), the optimizer and the EMA; returns trainer.json."""
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
-    state: dict = {"params": {k: v.detach() for k, v in params.items()}}
-    if opt is not None:
-        state["optim"] = optim_state(params, opt)
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(_state(params, opt, ema), checkpoint_id=str(path))
     return json.loads((path / STATE_FILE).read_text())
 
 
@@ -100,10 +107,11 @@ def is_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and ((path / STATE_FILE).is_file() or latest(path) is not None)
 
 
-def trained_params(path: str | Path, *, preset: str | None = None) -> tuple[Params, str, Path]:
+def trained_params(path: str | Path, *, preset: str | None = None, key: str = "params") -> tuple[Params, str, Path]:
     """(whole fp32 params, DiT preset, step folder) of a training checkpoint (any mesh it was
     saved on), read without a process group. path: a step-* folder, or a run's checkpoints/
-    folder (its newest complete checkpoint). preset None: the model the run trained."""
+    folder (its newest complete checkpoint). preset None: the model the run trained.
+    key "ema": the EMA weights instead (the run must have kept one)."""
     from hvfunc.config import dit_preset
     from hvfunc.dit_spec import dit_spec
 
@@ -115,16 +123,23 @@ def trained_params(path: str | Path, *, preset: str | None = None) -> tuple[Para
     if "lora" in state:
         raise ValueError(f"{step} holds LoRA adapters only (the base weights stay frozen and are not saved): "
                          f"export them with `convert.py export-lora`, merge with `convert.py merge-lora`")
+    check_key(state, key, step)
     name = preset or state["model"]
     shapes = {k: s.shape for k, s in dit_spec(dit_preset(name)).items()}
-    return load_params_single_process(step, shapes), name, step
+    return load_params_single_process(step, shapes, key=key), name, step
+
+
+def check_key(state: dict, key: str, step: Path) -> None:
+    """key "ema" needs a run that kept an EMA (trainer.json's "ema" decay)."""
+    if key == "ema" and not state.get("ema"):
+        raise ValueError(f"{step} holds no EMA weights (the run trained without --ema.decay): export without --ema")
 
 
 def load_params_single_process(path: str | Path, shapes: dict[str, tuple[int, ...]],
-                               dtype: torch.dtype = torch.float32) -> Params:
-    """Whole parameters from a checkpoint without a process group (export / conversion)."""
+                               dtype: torch.dtype = torch.float32, key: str = "params") -> Params:
+    """Whole parameters (key "ema": the EMA) from a checkpoint without a process group (export / conversion)."""
     out = {k: torch.empty(s, dtype=dtype) for k, s in shapes.items()}
     with warnings.catch_warnings():  # no_dist is the intent, also when a process group exists
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"params": out}, checkpoint_id=str(path), no_dist=True)
+        dcp.load({key: out}, checkpoint_id=str(path), no_dist=True)
     return out

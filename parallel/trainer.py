@@ -4,7 +4,7 @@ One function, `train(cfg)`, used by scripts/train.py and the tests. Per optimize
 global batch from the bucket sampler (one shape on every rank), per-sample sigma / noise / text
 and image dropout drawn from the sampler's per-draw seeds (so every layout sees the same numbers),
 then per micro batch the sharded loss and its backward, global-norm clipping, AdamW with
-fp32 master weights.
+fp32 master weights, then the EMA (parallel.ema) when on.
 
 Gradient accumulation (--global-batch-size G): each rank takes its G / dp samples at once and
 runs them as G / (micro x dp) micro batches of --batch-size. Each micro batch's loss is divided
@@ -45,7 +45,8 @@ from hvfunc.data.features import NOIMG_KEYS, TEXT_KEYS, FeatureDataset, collate
 from hvfunc.dit_spec import dit_spec
 from hvfunc.flow import TimestepSampling
 from hvfunc.params import init_leaves
-from parallel import checkpoint, gather, lora_train, optim, plan, runtime, step
+from parallel import checkpoint, ema, gather, lora_train, optim, plan, runtime, step
+from parallel.ema import EMAConfig
 from parallel.lora_train import LoraTrain
 from parallel.mesh import Meshes, ParallelConfig, build
 
@@ -100,6 +101,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_last: int = 2
     """Complete checkpoints kept on disk."""
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    """EMA of the trainable leaves (--ema.decay; parallel.ema), checkpointed next to them."""
     max_bad_steps: int = 5
     """Consecutive non-finite steps tolerated before stopping (with a checkpoint)."""
     num_workers: int = 0
@@ -244,18 +247,30 @@ def train(cfg: TrainConfig) -> list[dict]:
     # a rank's share of the global batch, from one bucket (one shape), split into micro batches later
     sampler = BucketSampler(group(ds.keys()), batch_size=cfg.batch_size * accum, rank=meshes.data_rank,
                             world_size=meshes.data_world, seed=cfg.seed)
-    run = _Run(params=params, opt=optim.make_optimizer(params, cfg.optim), sampler=sampler.state_dict())
+    run = _Run(params=params, opt=optim.make_optimizer(params, cfg.optim), sampler=sampler.state_dict(),
+               ema=ema.init(params, cfg.ema))
     if last is not None:
-        state = checkpoint.load(last, _trained(params), run.opt)
-        sampler.load_state_dict(state["sampler"])
-        run.step, run.sampler = state["step"], state["sampler"]
-        runtime.print0(f"resumed from {last} at step {run.step}")
+        _resume(last, run, sampler)
     if runtime.is_main():
         cfg.out.mkdir(parents=True, exist_ok=True)
         (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
         _truncate_metrics(cfg.out / "metrics.jsonl", run.step)
     fixed = _fixed(cfg, model, meshes, device, tune, uncond, accum)
     return _loop(fixed, run, _epochs(ds, sampler, cfg.num_workers))
+
+
+def _resume(last: Path, run: _Run, sampler: BucketSampler) -> None:
+    """Params, optimizer, EMA and sampler from a checkpoint. An EMA turned on at resume starts from the
+    loaded weights (the checkpoint has none); one turned off is left on disk."""
+    saved = json.loads((last / checkpoint.STATE_FILE).read_text())
+    has_ema = run.ema is not None and bool(saved.get("ema"))
+    state = checkpoint.load(last, _trained(run.params), run.opt, run.ema if has_ema else None)
+    if run.ema is not None and not has_ema:
+        run.ema = {k: v.detach().clone() for k, v in _trained(run.params).items()}
+        runtime.print0(f"{last} holds no EMA: it starts from the resumed weights")
+    sampler.load_state_dict(state["sampler"])
+    run.step, run.sampler = state["step"], state["sampler"]
+    runtime.print0(f"resumed from {last} at step {run.step}")
 
 
 def _fixed(cfg: TrainConfig, model, meshes, device: torch.device, tune: lora_train.Tuning, uncond,
@@ -272,7 +287,8 @@ def _fixed(cfg: TrainConfig, model, meshes, device: torch.device, tune: lora_tra
     return _Fixed(cfg=cfg, model=model, meshes=meshes, device=device, uncond=uncond, compute=compute, accum=accum,
                   guidance=None if not model.guidance_embed else cfg.guidance * 1000,
                   peak_flops=bench.matmul_peak(device, policy.dtype) * dist.get_world_size(),
-                  identity={"seed": cfg.seed, "model": cfg.model} | tune.record())
+                  identity={"seed": cfg.seed, "model": cfg.model} | tune.record()
+                  | ({"ema": cfg.ema.decay} if cfg.ema.enabled else {}))
 
 
 def _trained(params: dict) -> dict:
@@ -327,6 +343,8 @@ class _Run:
     opt: torch.optim.Optimizer
     sampler: dict
     """The sampler's state after the last batch taken (what a checkpoint stores)."""
+    ema: dict | None = None
+    """EMA of the trainable leaves (parallel.ema), None when off."""
     step: int = 0
     """Optimizer steps done."""
     bad: int = 0
@@ -409,6 +427,8 @@ def _optimizer(fx: _Fixed, run: _Run, value: float) -> tuple[float, float]:
     ok = math.isfinite(value) and math.isfinite(norm)
     if ok:
         run.opt.step()
+        if run.ema is not None:
+            ema.update_(run.ema, run.params, fx.cfg.ema.decay)
     run.bad, run.skipped = (0, run.skipped) if ok else (run.bad + 1, run.skipped + 1)
     run.opt.zero_grad(set_to_none=True)
     run.step += 1
@@ -431,7 +451,7 @@ def _checkpoint(fx: _Fixed, run: _Run, stop: _Stop, rec: dict) -> bool:
 
     def save() -> None:
         checkpoint.save(cfg.out / "checkpoints", run.step, _trained(run.params), run.opt,
-                        {"sampler": run.sampler} | fx.identity, cfg.keep_last)
+                        {"sampler": run.sampler} | fx.identity, cfg.keep_last, ema=run.ema)
 
     if run.bad > cfg.max_bad_steps:
         save()

@@ -61,8 +61,8 @@ class DitArgs:
     """Cast the weights on the way (the official checkpoint is bf16)."""
 
 
-def write_dit(params: dict, preset: str, target: Path, to: str, source: str) -> Path:
-    """Write hvfunc params in the `to` layout (atomic files)."""
+def write_dit(params: dict, preset: str, target: Path, to: str, source: str, ema: dict | None = None) -> Path:
+    """Write hvfunc params in the `to` layout (atomic files); `ema` goes under the official .pt's `ema` key."""
     cfg = dit_preset(preset)
     meta = {"format": to, "preset": preset, "source": source}
     if to == "hvfunc":
@@ -70,7 +70,7 @@ def write_dit(params: dict, preset: str, target: Path, to: str, source: str) -> 
     elif to == "official":
         sd = ckpt.dit_to_official(params, cfg)
         if target.suffix == ".pt":
-            io.save_pickle({"module": sd}, target)
+            io.save_pickle({"module": sd} | ({} if ema is None else {"ema": ckpt.dit_to_official(ema, cfg)}), target)
         else:
             io.save_safetensors(sd, target, metadata=meta)
     else:
@@ -101,15 +101,23 @@ class ExportArgs:
     """Architecture; None reads the model the run trained (trainer.json)."""
     dtype: Literal["keep", "fp32", "bf16", "fp16"] = "bf16"
     """Training keeps fp32 weights; the official checkpoint is bf16."""
+    ema: bool = False
+    """The run's EMA weights (--ema.decay): an official .pt gets them under `ema` next to `module`;
+    every other target holds the EMA weights instead of the trained ones."""
 
 
 def export(a: ExportArgs) -> Path:
     from parallel import checkpoint
 
-    params, preset, path = checkpoint.trained_params(a.checkpoint, preset=a.preset)
-    if DTYPES[a.dtype] is not None:
-        params = {k: v.to(DTYPES[a.dtype]) for k, v in params.items()}
-    return write_dit(params, preset, a.target, a.to, str(path))
+    def read(key: str) -> tuple[dict, str, Path]:
+        params, preset, path = checkpoint.trained_params(a.checkpoint, preset=a.preset, key=key)
+        if DTYPES[a.dtype] is not None:
+            params = {k: v.to(DTYPES[a.dtype]) for k, v in params.items()}
+        return params, preset, path
+
+    both = a.ema and a.to == "official" and a.target.suffix == ".pt"
+    params, preset, path = read("ema" if a.ema and not both else "params")
+    return write_dit(params, preset, a.target, a.to, str(path), ema=read("ema")[0] if both else None)
 
 
 @dataclass(frozen=True, kw_only=True)
