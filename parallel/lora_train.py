@@ -140,9 +140,10 @@ def check_resume(saved: dict, tune: Tuning, where: Path) -> None:
                          f"is {_named(new)}: other weights. Resume with the original --init-from, or start a new --out")
 
 
-def trained_lora(path: str | Path) -> tuple[lora.Lora, str, Path]:
+def trained_lora(path: str | Path, key: str = "params") -> tuple[lora.Lora, str, Path]:
     """(whole fp32 adapters, DiT preset, step folder) of a LoRA training checkpoint, read without
-    a process group. path: a step-* folder, or a run's checkpoints/ folder (its newest)."""
+    a process group. path: a step-* folder, or a run's checkpoints/ folder (its newest).
+    key "ema": the adapters' EMA instead (the run must have kept one)."""
     from hvfunc.config import dit_preset
     from parallel import checkpoint
 
@@ -153,8 +154,9 @@ def trained_lora(path: str | Path) -> tuple[lora.Lora, str, Path]:
     state = json.loads((step / checkpoint.STATE_FILE).read_text())
     if "lora" not in state:
         raise ValueError(f"{step} is a full-finetuning checkpoint (no LoRA adapters): use `convert.py export`")
+    checkpoint.check_key(state, key, step)
     adapters = LoraConfig(**(state["lora"] | {"targets": tuple(state["lora"]["targets"])}))
     spec = lora.lora_spec(dit_preset(state["model"]), adapters)
-    tensors = checkpoint.load_params_single_process(step, {k: s.shape for k, s in spec.items()})
+    tensors = checkpoint.load_params_single_process(step, {k: s.shape for k, s in spec.items()}, key=key)
     alpha = {m: float(adapters.alpha) for m in dict.fromkeys(map(lora.module_of, tensors))}
     return lora.Lora(tensors, alpha), state["model"], step

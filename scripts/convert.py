@@ -132,13 +132,15 @@ class ExportLoraArgs:
     """Key format to write (docs/lora.md lists which tool reads which)."""
     dtype: Literal["keep", "fp32", "bf16", "fp16"] = "keep"
     """Training keeps fp32 adapters; upstream's files are bf16."""
+    ema: bool = False
+    """The adapters' EMA (a run with --ema.decay) instead of the trained adapters."""
 
 
 def export_lora(a: ExportLoraArgs) -> Path:
     from hvfunc import lora_formats
     from parallel.lora_train import trained_lora
 
-    lo, preset, path = trained_lora(a.checkpoint)
+    lo, preset, path = trained_lora(a.checkpoint, key="ema" if a.ema else "params")
     if DTYPES[a.dtype] is not None:
         lo = dataclasses.replace(lo, tensors={k: v.to(DTYPES[a.dtype]) for k, v in lo.tensors.items()})
     lora_formats.write(lo, a.target, a.format)

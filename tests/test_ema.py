@@ -80,3 +80,32 @@ def test_decay_out_of_range_is_an_error():
     for d in (1.0, -0.1):
         with pytest.raises(ValueError, match=rf"--ema.decay must be in \[0, 1\) \(0 = off\), got {d}"):
             EMAConfig(decay=d)
+
+
+def test_lora_ema_covers_the_adapters_and_exports(tmp):
+    """LoRA on 2 ranks (dp_shard 2): the checkpoint's EMA holds exactly the adapters (the frozen base has
+    none), export-lora --ema writes it (read back exactly), and it lags the trained adapters."""
+    import torch.distributed.checkpoint as dcp
+    from test_lora_train import LORA, _base_file, _lora_cfg
+
+    from hvfunc import lora, lora_formats
+    from parallel.mesh import ParallelConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import convert
+
+    feats = make_features(tmp / "feats", task="i2v")
+    _spawn_train(2, [_lora_cfg(feats, tmp / "a", _base_file(tmp), steps=2, checkpoint_every=2, batch_size=2,
+                               ema=EMAConfig(decay=D), parallel=ParallelConfig(dp_shard=2))], tmp)
+    step = tmp / "a" / "checkpoints" / "step-00000002"
+    adapters = sorted(lora.lora_spec(DIT_PRESETS["tiny-i2v"], LORA))
+    saved = dcp.FileSystemReader(str(step)).read_metadata().state_dict_metadata
+    assert {k for k in saved if k.startswith("ema.")} == {f"ema.{k}" for k in adapters}
+    shapes = {k: lora.lora_spec(DIT_PRESETS["tiny-i2v"], LORA)[k].shape for k in adapters}
+    ema = checkpoint.load_params_single_process(step, shapes, key="ema")
+    params = checkpoint.load_params_single_process(step, shapes)
+    convert.main(["export-lora", "--checkpoint", str(step), "--target", str(tmp / "ema.safetensors"), "--format",
+                  "hvfunc", "--ema"])
+    back = lora_formats.read(tmp / "ema.safetensors")
+    assert back.tensors.keys() == ema.keys() and all(torch.equal(back.tensors[k], ema[k]) for k in ema)
+    assert any(float((ema[k] - params[k]).norm()) > 1e-6 for k in adapters if k.endswith("lora_B"))
