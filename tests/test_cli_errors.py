@@ -20,6 +20,9 @@ CASES = [
     (["scripts/plan_memory.py", "--model", "nope"], "unknown DiT preset 'nope'"),
     (["scripts/train.py", "tiny", "--features", "/nope/feats", "--out", "{tmp}/t"], "/nope/feats/index.jsonl"),
     (["scripts/sample.py", "tiny", "--prompt", "a cat", "--frames", "18", "--out", "{tmp}/s"], "use 17 or 21"),
+    (["scripts/convert.py", "dit", "--preset", "tiny", "--source", "/nope/dit.pt", "--target", "{tmp}/x"],
+     "/nope/dit.pt"),
+    (["scripts/train_vae.py", "--data", "/nope/data.txt", "--out", "{tmp}/v"], "/nope/data.txt"),
 ]
 
 
