@@ -137,15 +137,21 @@ class ExportLoraArgs:
 
 
 def export_lora(a: ExportLoraArgs) -> Path:
-    from hvfunc import lora_formats
     from parallel.lora_train import trained_lora
 
     lo, preset, path = trained_lora(a.checkpoint, key="ema" if a.ema else "params")
-    if DTYPES[a.dtype] is not None:
-        lo = dataclasses.replace(lo, tensors={k: v.to(DTYPES[a.dtype]) for k, v in lo.tensors.items()})
-    lora_formats.write(lo, a.target, a.format)
-    print(f"wrote {a.target} ({a.format}, {len(lo.modules())} modules of {preset}, from {path})")
-    return a.target
+    return _write_lora(lo, a.target, a.format, a.dtype, f" of {preset}, from {path}")
+
+
+def _write_lora(lo, target: Path, fmt: str, dtype: str, note: str = "") -> Path:
+    """Cast (unless keep) and write a LoRA in `fmt`, atomically."""
+    from hvfunc import lora_formats
+
+    if DTYPES[dtype] is not None:
+        lo = dataclasses.replace(lo, tensors={k: v.to(DTYPES[dtype]) for k, v in lo.tensors.items()})
+    lora_formats.write(lo, target, fmt)
+    print(f"wrote {target} ({fmt}, {len(lo.modules())} modules{note})")
+    return target
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,12 +193,7 @@ class LoraArgs:
 def convert_lora(a: LoraArgs) -> Path:
     from hvfunc import lora_formats
 
-    lo = lora_formats.read(a.source)
-    if DTYPES[a.dtype] is not None:
-        lo = dataclasses.replace(lo, tensors={k: v.to(DTYPES[a.dtype]) for k, v in lo.tensors.items()})
-    lora_formats.write(lo, a.target, a.format)
-    print(f"wrote {a.target} ({a.format}, {len(lo.modules())} modules)")
-    return a.target
+    return _write_lora(lora_formats.read(a.source), a.target, a.format, a.dtype)
 
 
 @dataclass(frozen=True, kw_only=True)
