@@ -198,16 +198,24 @@ def dit_to_diffusers(params: Params, cfg: DiTConfig) -> dict[str, Tensor]:
 Format = Literal["auto", "official", "diffusers", "hvfunc"]
 
 
+# top-level module names of the official / diffusers layouts (partial checkpoints have some of them)
+OFFICIAL_ROOTS = ("double_blocks.", "single_blocks.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
+                  "final_layer.")
+DIFFUSERS_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "context_embedder.", "time_text_embed.",
+                   "x_embedder.", "proj_out.", "norm_out.")
+
+
 def detect_format(sd: dict[str, Tensor]) -> Literal["official", "diffusers", "hvfunc"]:
-    if "x_embedder.proj.weight" in sd:
+    """Layout of DiT weights from their keys, also of partial or pruned ones (no key is required)."""
+    if any(k.startswith(DIFFUSERS_ROOTS) for k in sd):
         return "diffusers"
-    if any(".linear1_qkv." in k for k in sd) or any(_QKV.search(k) and v.dim() == 3 and k.endswith("weight")
-                                                     for k, v in sd.items()):
+    if any(re.search(r"\.(linear1_qkv|linear1_mlp|linear2_attn|linear2_mlp)\.", k) or (
+            _QKV.search(k) and k.endswith("weight") and sd[k].dim() == 3) for k in sd):
         return "hvfunc"
-    if "img_in.proj.weight" in sd:
+    if any(k.startswith((*OFFICIAL_ROOTS, "img_in.")) for k in sd):
         return "official"
-    raise ValueError("cannot tell the DiT format: no img_in.proj.weight (official/hvfunc) or "
-                     "x_embedder.proj.weight (diffusers) key")
+    raise ValueError(f"cannot tell the DiT format from keys such as {list(sd)[:3]}: expected official "
+                     "(img_in, double_blocks, ...), hvfunc or diffusers (x_embedder, transformer_blocks, ...) names")
 
 
 def read_state_dict(path: str | Path, *, key: str = "module") -> dict[str, Tensor]:

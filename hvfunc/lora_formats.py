@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from hvfunc import io
-from hvfunc.ckpt import _diffusers_table, _swap
+from hvfunc.ckpt import DIFFUSERS_ROOTS, OFFICIAL_ROOTS, _diffusers_table, _swap, detect_format
 from hvfunc.config import DiTConfig
 from hvfunc.lora import Layout, Lora, fused, hvfunc_layout, is_adapter, merge_all, module_of, official_layout, \
     official_modules, unfused
@@ -62,9 +62,6 @@ _MINDSPEED = (("txt_in.t_embedder.mlp.", "txt_in.t_embedder.time_embed."), ("tim
               ("guidance_in.mlp.", "guidance_in.time_embed."), ("vector_in.in_layer", "vector_in.fc1"),
               ("vector_in.out_layer", "vector_in.fc2"), ("final_layer.linear", "proj_out"),
               ("final_layer.adaLN_modulation.1", "adaLN_modulation.1"))
-_ROOTS = ("double_blocks.", "single_blocks.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
-_DIFFUSERS_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "context_embedder.", "time_text_embed.",
-                    "x_embedder.", "proj_out.", "norm_out.")
 
 
 @functools.lru_cache(maxsize=8)
@@ -112,9 +109,9 @@ def detect(sd: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) 
             return fmt
     bare = [k.split(".", 1)[1] if k.startswith(("transformer.", "diffusion_model.")) else k
             for k in keys if k.endswith(".lora_A.weight")]
-    if any(k.startswith(_ROOTS) for k in bare):
+    if any(k.startswith(OFFICIAL_ROOTS) for k in bare):
         return "comfyui"
-    if any(k.startswith(_DIFFUSERS_ROOTS) for k in bare):
+    if any(k.startswith(DIFFUSERS_ROOTS) for k in bare):
         return "diffusers"
     raise ValueError(f"not a HunyuanVideo LoRA in a known format ({', '.join(FORMATS)}); keys start "
                      f"{keys[:3]}")
@@ -329,18 +326,6 @@ def write(lora: Lora, path: str | Path, fmt: str) -> Path:
     return path
 
 
-def base_format(sd: Mapping[str, Tensor]) -> Literal["official", "hvfunc", "diffusers"]:
-    """Layout of DiT weights, also of partial or pruned ones (no key is required)."""
-    if any(k.startswith(_DIFFUSERS_ROOTS) for k in sd):
-        return "diffusers"
-    if any(re.search(r"\.(linear1_qkv|linear1_mlp|linear2_attn|linear2_mlp)\.", k) or (
-            re.search(r"attn_qkv\.weight$", k) and sd[k].dim() == 3) for k in sd):
-        return "hvfunc"
-    if any(k.startswith((*_ROOTS, "img_in.")) for k in sd):
-        return "official"
-    raise ValueError(f"cannot tell the layout of the base weights from keys such as {list(sd)[:3]}")
-
-
 def _diffusers_layout(depth: int) -> Layout:
     names = _names("diffusers", depth)
 
@@ -356,7 +341,7 @@ def _diffusers_layout(depth: int) -> Layout:
 def merge_state_dict(sd: Mapping[str, Tensor], loras: list[tuple[Lora, float]]) -> tuple[dict[str, Tensor], list[str]]:
     """Merge into DiT weights in their own layout, matching by key: a partial or pruned checkpoint
     merges the modules it holds. Returns (weights, modules merged); none matching is an error."""
-    fmt = base_format(sd)
+    fmt = detect_format(sd)
     layout = {"official": official_layout, "hvfunc": hvfunc_layout}.get(fmt) or _diffusers_layout(
         max(_depth(sd), *(_depth(lo.tensors) for lo, _ in loras)))
     out, merged = merge_all(sd, loras, layout=layout, partial=True)

@@ -220,7 +220,7 @@ def merge_lora(a: MergeLoraArgs) -> Path:
 
     loras = [(lora_formats.read(p), s) for p, s in map(lora_formats.parse_spec, a.lora)]
     sd = ckpt.read_state_dict(a.base, key=a.key)
-    fmt = lora_formats.base_format(sd)
+    fmt = ckpt.detect_format(sd)
     if a.to not in ("same", fmt):  # another layout: through the whole model
         params, merged = lora.merge_all(ckpt.load_dit(a.base, dit_preset(a.preset), key=a.key), loras)
         print(f"merged {len(merged)} modules from {len(loras)} LoRA file(s)")
