@@ -312,7 +312,7 @@ def test_dropout_draws_and_substitution():
 
     from hvfunc import flow
     from hvfunc.data.features import FeatureDataset
-    from parallel.trainer import _draws, _with_dropout
+    from parallel.train_loop import draws as _draws, with_dropout as _with_dropout
 
     with tempfile.TemporaryDirectory() as d:
         feats = make_features(Path(d), task="i2v", noimg="random", uncond=True)
