@@ -7,11 +7,21 @@ is an event with a signed byte count, and the peak is the maximum of their runni
 CUDA (and NPU via torch_npu) use the allocator's own peak counter. Either way the result
 is the peak of bytes allocated during the call above the level at its start, so tensors
 that already existed (weights, inputs) are not counted and the returned output is.
+
+The profiler's C++ side (kineto) logs `USDT: ... profiler_start` / `profiler_stop` (older
+torch: `STAGE: ...`) lines straight to file descriptor 2 when it starts and stops; `_quiet`
+drops those lines around the start and stop only (the call itself writes to stderr as usual,
+and any other line written there is passed on).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -29,11 +39,39 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
+_KINETO_LOG = re.compile(r"^(USDT|STAGE):\d{4}-\d\d-\d\d \d\d:\d\d:\d\d .*\.cpp:\d+\]")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """File descriptor 2 into a temporary file for the block; its lines but kineto's go back to stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [x for x in tmp.read().decode(errors="replace").splitlines(True) if not _KINETO_LOG.match(x)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def _cpu_levels(fn: Callable[[], Any]) -> tuple[Any, int, int]:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet():
+        prof.__enter__()
+    try:
         out = fn()
+    finally:
+        with _quiet():
+            prof.__exit__(None, None, None)
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     level = peak = 0

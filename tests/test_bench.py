@@ -62,8 +62,9 @@ def test_train_bench_credits_model_flops_for_every_recompute_mode():
         assert flops(rows, "diffusers+checkpointing") == plain
 
 
-def test_bench_cli_prints_the_table_and_writes_json(tmp, capsys):
-    """scripts/bench.py: rows for ours (eager, compiled) and diffusers, printed and saved."""
+def test_bench_cli_prints_the_table_and_writes_json(tmp, capfd):
+    """scripts/bench.py: rows for ours (eager, compiled) and diffusers, printed and saved; no profiler
+    log lines (kineto's USDT/STAGE lines of the CPU peak-memory reads) on the file descriptors."""
     import importlib.util
     import json
     from pathlib import Path
@@ -81,8 +82,10 @@ def test_bench_cli_prints_the_table_and_writes_json(tmp, capsys):
         ["hvfunc", "hvfunc+compile", "diffusers"] * 2
     assert saved["config"]["hidden"] == 64 and saved["machine"] and rows[0]["ratio"] > 0
     assert all(r["tflops"] > 0 and r["peak_mem_gb"] > 0 for r in rows)
-    table = capsys.readouterr().out
+    table, err = capfd.readouterr()
     assert "| dit forward+backward | hvfunc+compile |" in table and "| dit forward | diffusers |" in table
+    noise = [x for x in (table + err).splitlines() if "profiler_st" in x or x.startswith(("USDT:", "STAGE:"))]
+    assert noise == []
 
 
 def test_lora_bench_rows(tmp_path):
