@@ -39,9 +39,12 @@ from hvfunc.lora import scaled
 from hvfunc.params import Params
 from parallel import plan
 
-# renamed in torch 2.13; the old names still exist (deprecated) on 2.11 - 2.13
+# renamed *_single in torch 2.13 (functional and c10d); the old names warn there (FutureWarning) and
+# are the only ones on 2.11 - 2.12
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 _reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+_all_gather_c10d = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_c10d = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_reduce = funcol.all_reduce
 
 
@@ -60,7 +63,7 @@ def _all_gather_on(y: Tensor, dim: int, a: Axis) -> Tensor:
         return _all_gather(y.contiguous(), dim, a.group)
     x = y.movedim(dim, 0).contiguous()
     out = x.new_empty((a.ranks * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x, group=_pg(a.group))
+    _all_gather_c10d(out, x, group=_pg(a.group))
     return out.movedim(0, dim).contiguous()  # the layout funcol returns (same matmul roundings)
 
 
@@ -69,7 +72,7 @@ def _reduce_scatter_on(g: Tensor, dim: int, a: Axis) -> Tensor:
         return _reduce_scatter(g.contiguous(), "sum", dim, a.group)
     x = g.movedim(dim, 0).contiguous()
     out = x.new_empty((x.shape[0] // a.ranks, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x, group=_pg(a.group))
+    _reduce_scatter_c10d(out, x, group=_pg(a.group))
     return out.movedim(0, dim).contiguous()  # the layout funcol returns (same matmul roundings)
 
 

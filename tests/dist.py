@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import traceback
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -28,3 +30,18 @@ def spawn(fn, world: int, *args) -> None:
     """fn(rank, world, *args) on `world` processes; raises if any of them fails."""
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(world, os.path.join(d, "init"), fn, args), nprocs=world, join=True)
+
+
+# warnings attributed to our packages, or to torch.distributed (c10d's deprecated collectives warn
+# from its logging wrapper); torch's own internal ones (Dynamo instantiates autograd.Function) are not ours
+OURS = r"(parallel|graphs|hvfunc|torch\.distributed)(\.|$)"
+
+
+@contextlib.contextmanager
+def deprecations_are_errors():
+    """DeprecationWarning and FutureWarning from our code and torch.distributed raise inside the block
+    (a spawned worker does not inherit pytest's -W filters)."""
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("error", category=category, module=OURS)
+        yield
