@@ -1,5 +1,5 @@
 """Global batch with gradient accumulation: micro batches x accumulation == ranks x micro batch ==
-one process with the whole batch (losses and parameters), also under tp; bad sizes fail first."""
+one process with the whole batch (losses and parameters), also under tp and cp; bad sizes fail first."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ from parallel.trainer import _accumulation
 
 def test_accumulation_equals_the_whole_batch(tmp):
     """4 samples per optimizer step, 2 steps, fp32: 1 process x batch 4 (reference), 1 process x micro 1 x
-    4 accumulation steps, 2 dp ranks x micro 2, tp 2 x micro 1 x 4 accumulation steps."""
+    4 accumulation steps, 2 dp ranks x micro 2, tp 2 x micro 1 x 4 accumulation steps, cp 2 x micro 2 x 2
+    accumulation steps (cp ranks share their samples: data-parallel size 1)."""
     feats = make_features(tmp / "feats", n=8)  # 4 samples of each latent shape: one bucket per step
     runs = {"whole": (1, dict(batch_size=4)), "accum": (1, dict(batch_size=1, global_batch_size=4)),
             "dp2": (2, dict(batch_size=2, parallel=ParallelConfig(dp_shard=2))),
-            "tp2": (2, dict(batch_size=1, global_batch_size=4, parallel=ParallelConfig(tp=2)))}
+            "tp2": (2, dict(batch_size=1, global_batch_size=4, parallel=ParallelConfig(tp=2))),
+            "cp2": (2, dict(batch_size=2, global_batch_size=4, parallel=ParallelConfig(cp=2)))}
     losses = {name: _spawn_train(world, [_cfg(feats, tmp / name, steps=2, **kw)], tmp)[0]
               for name, (world, kw) in runs.items()}
     ref = _final_params(tmp / "whole")
