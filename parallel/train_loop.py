@@ -4,7 +4,8 @@ parallel.trainer builds what every step uses (`Fixed`: the config, mesh, compute
 what a checkpoint restores (`Run`: params, optimizer, EMA, sampler state, counters), then calls
 `loop`. Each concern is one function here: `_data` (the batch, its per-sample draws and dropout),
 `_gradients` (micro batches' forward / backward), `_optimizer` (clip, step, EMA, skipped steps),
-`_log` (metrics.jsonl, progress), `_checkpoint` (periodic, final, SIGTERM, too many bad steps).
+`_log` (metrics.jsonl, TensorBoard, progress), `_checkpoint` (periodic, final, SIGTERM, too many bad
+steps).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from hvfunc import flops, flow
 from hvfunc.config import DiTConfig
 from hvfunc.data.features import NOIMG_KEYS, TEXT_KEYS
-from parallel import checkpoint, ema, optim, runtime, step
+from parallel import checkpoint, ema, optim, runtime, step, tblog
 from parallel.mesh import Meshes
 
 if TYPE_CHECKING:
@@ -144,6 +145,7 @@ def loop(fx: Fixed, run: Run, batches) -> list[dict]:
     """data -> gradients -> optimizer -> logging -> checkpoint, once per optimizer step."""
     cfg, stop = fx.cfg, _Stop()
     metrics = (cfg.out / "metrics.jsonl").open("a") if runtime.is_main() else None
+    tb = tblog.open_for(cfg.log, cfg.out, run.step, runtime.is_main())
     bar = runtime.progress(cfg.steps, desc="train", unit="step", enabled=runtime.is_main(), initial=run.step)
     try:
         while run.step < cfg.steps:
@@ -152,7 +154,7 @@ def loop(fx: Fixed, run: Run, batches) -> list[dict]:
             value = _gradients(fx, run, data)
             lr, norm = _optimizer(fx, run, value)
             rec = _record(fx, run, data, value, norm, lr, time.perf_counter() - t0)
-            _log(run, rec, metrics, bar)
+            _log(run, rec, metrics, bar, tb)
             if _checkpoint(fx, run, stop, rec):
                 runtime.print0(f"SIGTERM: saved a checkpoint at step {run.step} and stopped")
                 break
@@ -160,6 +162,8 @@ def loop(fx: Fixed, run: Run, batches) -> list[dict]:
         bar.close()
         if metrics:
             metrics.close()
+        if tb:
+            tb.close()
     return run.records
 
 
@@ -211,11 +215,13 @@ def _optimizer(fx: Fixed, run: Run, value: float) -> tuple[float, float]:
     return lr, norm
 
 
-def _log(run: Run, rec: dict, metrics, bar) -> None:
+def _log(run: Run, rec: dict, metrics, bar, tb: tblog.TensorBoard | None) -> None:
     run.records.append(rec)
     if metrics:
         metrics.write(json.dumps(rec) + "\n")
         metrics.flush()
+    if tb:
+        tb.scalars(rec)
     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.1e}")
     bar.update(1)
 

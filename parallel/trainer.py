@@ -43,10 +43,11 @@ from hvfunc.data.features import FeatureDataset, collate
 from hvfunc.dit_spec import dit_spec
 from hvfunc.flow import TimestepSampling
 from hvfunc.params import init_leaves
-from parallel import checkpoint, ema, gather, lora_train, optim, plan, runtime, step
+from parallel import checkpoint, ema, gather, lora_train, optim, plan, runtime, step, tblog
 from parallel.ema import EMAConfig
 from parallel.lora_train import LoraTrain
 from parallel.mesh import ParallelConfig, build
+from parallel.tblog import LogConfig
 from parallel.train_loop import Fixed, Run, loop as _loop, trained as _trained
 
 
@@ -102,6 +103,8 @@ class TrainConfig:
     """Complete checkpoints kept on disk."""
     ema: EMAConfig = field(default_factory=EMAConfig)
     """EMA of the trainable leaves (--ema.decay; parallel.ema), checkpointed next to them."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logs besides metrics.jsonl: --log.tensorboard (parallel.tblog)."""
     max_bad_steps: int = 5
     """Consecutive non-finite steps tolerated before stopping (with a checkpoint)."""
     num_workers: int = 0
@@ -173,6 +176,7 @@ def _params(cfg: TrainConfig, model, meshes, device: torch.device, tune: lora_tr
 def train(cfg: TrainConfig) -> list[dict]:
     model = dit_preset(cfg.model)
     task = "i2v" if model.i2v_condition_type else "t2v"
+    tblog.check(cfg.log)
     uncond = _check_dropout(cfg, task)
     if model.guidance_embed and cfg.guidance is None:
         raise ValueError(f"model {cfg.model!r} has a guidance embedding: --guidance needs a value "
