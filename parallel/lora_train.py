@@ -158,5 +158,9 @@ def trained_lora(path: str | Path, key: str = "params") -> tuple[lora.Lora, str,
     adapters = LoraConfig(**(state["lora"] | {"targets": tuple(state["lora"]["targets"])}))
     spec = lora.lora_spec(dit_preset(state["model"]), adapters)
     tensors = checkpoint.load_params_single_process(step, {k: s.shape for k, s in spec.items()}, key=key)
-    alpha = {m: float(adapters.alpha) for m in dict.fromkeys(map(lora.module_of, tensors))}
-    return lora.Lora(tensors, alpha), state["model"], step
+    return as_lora(tensors, adapters), state["model"], step
+
+
+def as_lora(tensors: dict[str, Tensor], adapters: LoraConfig) -> lora.Lora:
+    """A run's adapter leaves as a Lora: one alpha (the run's) for every adapted module."""
+    return lora.Lora(tensors, {m: float(adapters.alpha) for m in dict.fromkeys(map(lora.module_of, tensors))})

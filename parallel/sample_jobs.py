@@ -58,6 +58,14 @@ def read_lines(path: Path, what: str) -> list[str]:
     return lines
 
 
+def read_images(path: Path, n: int, what: str) -> list[Path]:
+    """One image path a line, one per prompt (n); relative paths are relative to the file's folder."""
+    images = [Path(x) if Path(x).is_absolute() else path.parent / x for x in read_lines(path, what)]
+    if len(images) != n:
+        raise ValueError(f"{what} {path} lists {len(images)} images for {n} prompts: give one per prompt")
+    return images
+
+
 def file_identity(path: Path | None) -> dict | None:
     """Path, bytes and newest mtime of a weights file or folder (what the sidecar records)."""
     if path is None:

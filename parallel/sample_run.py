@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -217,9 +218,24 @@ def run(cfg: SampleConfig) -> list[Path]:
     if random:
         runtime.print0(f"note: random weights ({', '.join(random)}): a smoke test, the videos show noise")
     cfg.out.mkdir(parents=True, exist_ok=True)
+    report = {"dit_source": source, "weights_gb": weights_gb, "random_weights": random,
+              "seconds": {"text_per_prompt": text_s / max(1, len(conds))},
+              "ranks": {"world": dist.get_world_size(), "cp": cfg.parallel.cp}}
+    models["cuda_graph"] = graphs.cuda_graph
+    written = [path for path, _ in sample_videos(cfg, p, mine, conds, models, ranks, device, report)]
+    dist.barrier()
+    return written
+
+
+def sample_videos(cfg: SampleConfig, p: Plan, jobs: list[sj.Job], conds: dict, models: dict, ranks: Ranks,
+                  device: torch.device, report: dict) -> list[tuple[Path, np.ndarray]]:
+    """Sample `jobs` (this rank's group's share, every rank of the group together); the group's lead
+    decodes each and writes its mp4, sidecar (`report`: what every sidecar of the run says) and, asked,
+    latents. conds: {(prompt, image): Conditioning}; models: dit, vae, vae_cfg, attn, blocks, runner,
+    cuda_graph. Returns the lead's (mp4, first frame uint8 [H, W, 3]) per video (others: [])."""
     written = []
-    for job in mine:
-        if graphs.cuda_graph:  # one capture per video: shapes and conditioning are the run's
+    for job in jobs:
+        if models.get("cuda_graph"):  # one capture per video: shapes and conditioning are the run's
             models["runner"] = static_runner
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -228,20 +244,18 @@ def run(cfg: SampleConfig) -> list[Path]:
         t1 = time.perf_counter()
         if ranks.lead:
             written.append(_write(cfg, p, job, lat, models, device, {
-                "dit_source": source, "weights_gb": weights_gb, "random_weights": random, "steps": steps,
-                "seconds": {"text_per_prompt": text_s / max(1, len(conds)), "denoise": t1 - t0},
-                "ranks": {"world": dist.get_world_size(), "cp": cfg.parallel.cp}}))
-    dist.barrier()
+                **report, "steps": steps, "seconds": {**report.get("seconds", {}), "denoise": t1 - t0}}))
     return written
 
 
 def _write(cfg: SampleConfig, p: Plan, job: sj.Job, lat: torch.Tensor, models: dict, device: torch.device,
-           report: dict) -> Path:
+           report: dict) -> tuple[Path, np.ndarray]:
     t0 = time.perf_counter()
     video = pipeline.decode(models["vae"], lat, cfg=models["vae_cfg"], tiling=Tiling() if cfg.vae_tiling else None)
     t1 = time.perf_counter()
     files = sj.paths(cfg.out, job)
-    media.write_mp4(files["video"], media.to_uint8(video[0]), cfg.fps)
+    frames = media.to_uint8(video[0])
+    media.write_mp4(files["video"], frames, cfg.fps)
     if cfg.save_latents:
         io.save_safetensors({"latents": lat[0].cpu()}, files["latents"])
     report["seconds"] |= {"decode": t1 - t0, "write": time.perf_counter() - t1}
@@ -249,4 +263,4 @@ def _write(cfg: SampleConfig, p: Plan, job: sj.Job, lat: torch.Tensor, models: d
     sj.write_sidecar(cfg.out, job, p.settings, report)
     print(f"wrote {files['video']} ({report['seconds']['denoise']:.1f} s denoise, "
           f"{report['seconds']['decode']:.1f} s decode)", flush=True)
-    return files["video"]
+    return files["video"], frames[0]

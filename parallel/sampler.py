@@ -152,11 +152,7 @@ def _images(cfg: SampleConfig, n: int, i2v: bool) -> list[Path | None]:
         raise ValueError(f"model {cfg.model!r} is image-to-video: give exactly one of --image and --images-file")
     if cfg.image is not None:
         return [cfg.image] * n
-    base = cfg.images_file.parent
-    images = [Path(p) if Path(p).is_absolute() else base / p for p in sj.read_lines(cfg.images_file, "--images-file")]
-    if len(images) != n:
-        raise ValueError(f"--images-file lists {len(images)} images for {n} prompts: give one per prompt")
-    return images
+    return sj.read_images(cfg.images_file, n, "--images-file")
 
 
 def _size(cfg: SampleConfig, image: Path | None) -> tuple[int, int, bool]:
@@ -172,7 +168,8 @@ def _size(cfg: SampleConfig, image: Path | None) -> tuple[int, int, bool]:
     return h, w, True
 
 
-def _check_shape(cfg: SampleConfig, h: int, w: int) -> None:
+def check_shape(cfg: SampleConfig, h: int, w: int) -> None:
+    """A video size and frame count the VAE, the DiT and --parallel.cp take (else ValueError)."""
     model = dit_preset(cfg.model)
     vae.check_video_shape(cfg.frames, h, w, cfg=VAE_PRESETS["hunyuan-video"], size_multiple=16)
     if model.heads_num % cfg.parallel.cp:
@@ -215,7 +212,7 @@ def _check_weights(cfg: SampleConfig) -> None:
             raise ValueError(f"--models.{k.replace('_', '-')} {p} does not exist")
 
 
-def _settings(cfg: SampleConfig) -> dict:
+def settings(cfg: SampleConfig) -> dict:
     """Everything of the run that decides pixels, with the weights' identities (sidecar, reruns)."""
     real_cfg = cfg.sampling.real_cfg
     return {"model": cfg.model, "frames": cfg.frames, "fps": cfg.fps, "sampling": asdict(cfg.sampling),
@@ -245,9 +242,9 @@ def plan(cfg: SampleConfig) -> Plan:
     jobs = []
     for p, (prompt, image) in enumerate(zip(prompts, images)):
         h, w, exact = _size(cfg, image)
-        _check_shape(cfg, h, w)
+        check_shape(cfg, h, w)
         for k in range(cfg.num_videos):
             jobs.append(sj.Job(index=len(jobs), prompt=prompt, seed=cfg.seed + k, height=h, width=w, image=image,
                                exact_resize=exact))
-    return Plan(jobs=jobs, settings=_settings(cfg), i2v=i2v, real_cfg=cfg.sampling.real_cfg)
+    return Plan(jobs=jobs, settings=settings(cfg), i2v=i2v, real_cfg=cfg.sampling.real_cfg)
 

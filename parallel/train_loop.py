@@ -1,11 +1,12 @@
-"""The training step's stages over one run state: data -> gradients -> optimizer -> log -> checkpoint.
+"""The training step's stages over one run state: data -> gradients -> optimizer -> validation -> log
+-> checkpoint.
 
 parallel.trainer builds what every step uses (`Fixed`: the config, mesh, compute functions) and
 what a checkpoint restores (`Run`: params, optimizer, EMA, sampler state, counters), then calls
 `loop`. Each concern is one function here: `_data` (the batch, its per-sample draws and dropout),
 `_gradients` (micro batches' forward / backward), `_optimizer` (clip, step, EMA, skipped steps),
-`_log` (metrics.jsonl, TensorBoard, progress), `_checkpoint` (periodic, final, SIGTERM, too many bad
-steps).
+`_validation` (sample videos every N steps: parallel.validation), `_log` (metrics.jsonl,
+TensorBoard, progress), `_checkpoint` (periodic, final, SIGTERM, too many bad steps).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from hvfunc import flops, flow
 from hvfunc.config import DiTConfig
 from hvfunc.data.features import NOIMG_KEYS, TEXT_KEYS
-from parallel import checkpoint, ema, optim, runtime, step, tblog
+from parallel import checkpoint, ema, optim, runtime, step, tblog, validation
 from parallel.mesh import Meshes
 
 if TYPE_CHECKING:
@@ -110,6 +111,8 @@ class Fixed:
     """Dense matmul peak of the whole world (for MFU)."""
     identity: dict
     """trainer.json's run entries next to the sampler state (seed, model; LoRA: adapters, base)."""
+    validation: validation.Validator | None = None
+    """Sample videos every N steps (parallel.validation), None when off."""
 
 
 @dataclass(kw_only=True)
@@ -128,6 +131,9 @@ class Run:
     """Consecutive skipped (non-finite) steps."""
     skipped: int = 0
     records: list[dict] = field(default_factory=list)
+    samples: validation.Samples | None = None
+    """The latest validation's videos (step, and on rank 0 each mp4 path with its first frame): set by
+    `_validation` before `_log` of the same step, so a logger there shows them when samples.step == step."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,7 +148,7 @@ class _Batch:
 
 
 def loop(fx: Fixed, run: Run, batches) -> list[dict]:
-    """data -> gradients -> optimizer -> logging -> checkpoint, once per optimizer step."""
+    """data -> gradients -> optimizer -> validation -> logging -> checkpoint, once per optimizer step."""
     cfg, stop = fx.cfg, _Stop()
     metrics = (cfg.out / "metrics.jsonl").open("a") if runtime.is_main() else None
     tb = tblog.open_for(cfg.log, cfg.out, run.step, runtime.is_main())
@@ -154,6 +160,7 @@ def loop(fx: Fixed, run: Run, batches) -> list[dict]:
             value = _gradients(fx, run, data)
             lr, norm = _optimizer(fx, run, value)
             rec = _record(fx, run, data, value, norm, lr, time.perf_counter() - t0)
+            _validation(fx, run)
             _log(run, rec, metrics, bar, tb)
             if _checkpoint(fx, run, stop, rec):
                 runtime.print0(f"SIGTERM: saved a checkpoint at step {run.step} and stopped")
@@ -213,6 +220,13 @@ def _optimizer(fx: Fixed, run: Run, value: float) -> tuple[float, float]:
     run.opt.zero_grad(set_to_none=True)
     run.step += 1
     return lr, norm
+
+
+def _validation(fx: Fixed, run: Run) -> None:
+    """After every --validation.every-th optimizer step: videos with the current weights (EMA if on), no
+    training randomness used (parallel.validation). Not timed in the step's record."""
+    if validation.due(fx.validation, run.step):
+        run.samples = validation.sample(fx.validation, run.params, run.ema, run.step, fx.meshes, fx.device)
 
 
 def _log(run: Run, rec: dict, metrics, bar, tb: tblog.TensorBoard | None) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -43,12 +43,13 @@ from hvfunc.data.features import FeatureDataset, collate
 from hvfunc.dit_spec import dit_spec
 from hvfunc.flow import TimestepSampling
 from hvfunc.params import init_leaves
-from parallel import checkpoint, ema, gather, lora_train, optim, plan, runtime, step, tblog
+from parallel import checkpoint, ema, gather, lora_train, optim, plan, runtime, step, tblog, validation
 from parallel.ema import EMAConfig
 from parallel.lora_train import LoraTrain
 from parallel.mesh import ParallelConfig, build
 from parallel.tblog import LogConfig
 from parallel.train_loop import Fixed, Run, loop as _loop, trained as _trained
+from parallel.validation import ValidationConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +104,8 @@ class TrainConfig:
     """Complete checkpoints kept on disk."""
     ema: EMAConfig = field(default_factory=EMAConfig)
     """EMA of the trainable leaves (--ema.decay; parallel.ema), checkpointed next to them."""
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Sample videos every N steps into <out>/samples/ (--validation.prompts, --validation.every; parallel.validation)."""
     log: LogConfig = field(default_factory=LogConfig)
     """Logs besides metrics.jsonl: --log.tensorboard (parallel.tblog)."""
     max_bad_steps: int = 5
@@ -188,6 +191,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     _check_buckets(ds.keys(), model, meshes)
     accum = _accumulation(cfg, meshes.data_world)
     tune = lora_train.resolve(cfg.lora, model, cfg.init_from, cfg.seed)
+    val = validation.load(cfg, model, tune.adapters)  # encodings, sizes, VAE: before the weights
     last = checkpoint.latest(cfg.out / "checkpoints")
     if last is not None:  # before the (long) weight load
         lora_train.check_resume(json.loads((last / checkpoint.STATE_FILE).read_text()), tune, last)
@@ -203,7 +207,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         cfg.out.mkdir(parents=True, exist_ok=True)
         (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
         _truncate_metrics(cfg.out / "metrics.jsonl", run.step)
-    fixed = _fixed(cfg, model, meshes, device, tune, uncond, accum)
+    fixed = replace(_fixed(cfg, model, meshes, device, tune, uncond, accum), validation=val)
     return _loop(fixed, run, _epochs(ds, sampler, cfg.num_workers))
 
 

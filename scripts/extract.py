@@ -15,6 +15,10 @@ training with --image-dropout needs (--image-dropout-features False leaves them 
 cost one extra LLaVA forward per clip (8B LLM plus vision tower; the VAE work is unchanged)
 and S x D x 4 bytes per clip on disk (S x D = 396 x 4096 for the real model: 6.5 MB).
 A rerun that asks for them re-extracts the existing clips that lack them.
+
+--validation-prompts FILE (I2V: --validation-images FILE) also encodes those prompts, as
+sample.py's text stage does, into <out>/validation/ for train.py --validation.prompts FILE
+(sample videos while training; parallel.validation): the trainer loads no text encoder.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from hvfunc.data.features import NOIMG_FLAG, NOIMG_KEYS, build_index, write_samp
 from hvfunc.data.report import SkipReport  # noqa: E402
 from graphs.blocks import Compile  # noqa: E402
 from graphs.vae import vae_nets  # noqa: E402
-from parallel import runtime  # noqa: E402
+from parallel import runtime, validation  # noqa: E402
+from parallel.sample_jobs import file_identity  # noqa: E402
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +72,14 @@ class ExtractArgs:
     compile: Literal["none", "auto", "inductor", "aot_eager"] = "none"
     """Compile the VAE encoder (static shapes: one graph per distinct tile shape; graphs.vae).
     For GPUs: on CPU compiled convolutions are slower than eager (no direct oneDNN call)."""
+    validation_prompts: Path | None = None
+    """Also encode these prompts (one a line) into <out>/validation/ for sample videos while training
+    (train.py --validation.prompts FILE; hvfunc.data.validation), as sample.py's text stage does."""
+    validation_images: Path | None = None
+    """--task i2v: the validation prompts' reference images, one path a line (as sample.py --images-file)."""
+    validation_negative_prompt: str | None = None
+    """Also encode this negative prompt (I2V: with a black image) per validation prompt, for
+    train.py --validation.sampling.cfg-scale > 1; None: none."""
     image_dropout_features: bool | None = None
     """Also store, per clip, the LLaVA conditioning of (same prompt, black image) that training with
     --image-dropout needs: one extra LLaVA pass per clip. None: on for I2V, off for T2V (T2V has none)."""
@@ -78,7 +91,11 @@ class ExtractArgs:
         return self.task == "i2v" if self.image_dropout_features is None else self.image_dropout_features
 
 
-def load(a: ExtractArgs) -> ex.Models:
+FLAGS = ("--validation-prompts", "--validation-images")
+
+
+def model_paths(a: ExtractArgs) -> ModelArgs:
+    """The VAE and text encoder folders (tiny: rank 0 writes them under <out>/models first)."""
     m = a.models
     if m.preset == "tiny":  # rank 0 writes them; every rank loads them from disk
         root = a.out / "models"
@@ -90,11 +107,19 @@ def load(a: ExtractArgs) -> ex.Models:
     if None in (m.vae, m.text_encoder, m.text_encoder_2):
         raise ValueError("give --models.preset tiny or all of --models.vae, --models.text-encoder, "
                          "--models.text-encoder-2")
-    return ex.load_models(m.vae, m.text_encoder, m.text_encoder_2, tiny=a.models.preset == "tiny", tiling=a.tiling)
+    return m
+
+
+def load(a: ExtractArgs) -> tuple[ex.Models, ModelArgs]:
+    m = model_paths(a)
+    return ex.load_models(m.vae, m.text_encoder, m.text_encoder_2, tiny=a.models.preset == "tiny",
+                          tiling=a.tiling), m
 
 
 def main(a: ExtractArgs) -> None:
     noimg = a.noimg  # a bad combination fails before any work
+    if a.validation_prompts is not None:
+        validation.Prompts.read(a.validation_prompts, a.validation_images, i2v=a.task == "i2v", flags=FLAGS)
     device = runtime.init(a.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:  # temp files of a killed run: their clips are redone below
@@ -103,7 +128,7 @@ def main(a: ExtractArgs) -> None:
     dist.barrier()
     ds = build_dataset(a.data, data_preset(a.data_preset).replace(cp=a.cp), seed=a.seed)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    models = load(a)
+    models, paths = load(a)
     models = replace(models, vae={k: v.to(device, dtype) for k, v in models.vae.items()},  # once, not per batch
                      encoder=vae_nets(Compile(backend=a.compile), device=device)[0])
     batches = ex.plan_batches(ds, a.batch_size)[rank::world]
@@ -127,7 +152,19 @@ def main(a: ExtractArgs) -> None:
     dist.barrier()
     if rank == 0:
         _finish(a, ds, models, device, world)
+        if a.validation_prompts is not None:
+            _validation(a, models, paths, device)
     dist.barrier()
+
+
+def _validation(a: ExtractArgs, models: ex.Models, paths: ModelArgs, device: torch.device) -> None:
+    """Rank 0: the validation prompts' conditioning, with the encoders' identities, into <out>/validation."""
+    prompts = validation.Prompts.read(a.validation_prompts, a.validation_images, i2v=a.task == "i2v", flags=FLAGS)
+    encoders = {k: file_identity(getattr(paths, k)) for k in ("text_encoder", "text_encoder_2")}
+    encoders["dtype"] = str(next(models.text.llm.parameters()).dtype).removeprefix("torch.")
+    where = validation.encode(models.text, a.out, prompts, negative=a.validation_negative_prompt, device=device,
+                              encoders=encoders)
+    print(f"{len(prompts.prompts)} validation prompts of {a.validation_prompts} encoded into {where.parent}")
 
 
 def _finish(a: ExtractArgs, ds, models: ex.Models, device: torch.device, world: int) -> None:

@@ -8,6 +8,9 @@
     torchrun --nproc-per-node 8 scripts/train.py hunyuan-video-i2v-lora --features /data/i2v-feats \
         --out /ckpt/i2v-lora --init-from ckpts/hunyuan-video-i2v-720p/transformers/mp_rank_00_model_states.pt
 
+Sample videos every 500 steps (prompts encoded by extract.py --validation-prompts prompts.txt):
+    ... --validation.prompts prompts.txt --validation.every 500 --validation.vae ckpts/hunyuan-video-t2v-720p/vae
+
 A preset fills every field; flags override them. Rerunning the same command resumes from
 the newest complete checkpoint in --out.
 """

@@ -15,6 +15,8 @@ CASES = [
     (["scripts/extract.py", "--data", "/nope/data.txt", "--out", "{tmp}/f"], "data list not found: /nope/data.txt"),
     (["scripts/extract.py", "--data", "{tmp}/data.txt", "--out", "{tmp}/f", "--data-preset", "huge"],
      "unknown data preset 'huge'"),
+    (["scripts/extract.py", "--data", "{tmp}/data.txt", "--out", "{tmp}/f", "--validation-prompts", "/nope/p.txt"],
+     "--validation-prompts not found: /nope/p.txt"),
     (["scripts/make_dataset.py", "--out", "{tmp}/d", "--num-clips", "1", "--num-folders", "3"],
      "num_folders (3) <= num_clips (1)"),
     (["scripts/plan_memory.py", "--model", "nope"], "unknown DiT preset 'nope'"),

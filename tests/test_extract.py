@@ -201,9 +201,38 @@ def _strip_noimg(path: Path) -> None:
     io.save_safetensors(t, path, metadata={"record": json.dumps(rec)})
 
 
+def _validation_prompts(tmp: Path) -> dict:
+    """extract.py's --validation-* arguments: two prompts, their reference images, a negative prompt."""
+    from PIL import Image
+
+    (tmp / "vp.txt").write_text("A red circle moves.\nA blue square falls.\n")
+    for i in range(2):
+        Image.new("RGB", (40, 32), (200, 90 * i, 30)).save(tmp / f"v{i}.png")
+    (tmp / "vi.txt").write_text("v0.png\nv1.png\n")
+    return dict(validation_prompts=tmp / "vp.txt", validation_images=tmp / "vi.txt", validation_negative_prompt="blurry")
+
+
+def _check_validation_encodings(out: Path, tmp: Path) -> None:
+    """<out>/validation holds diffusers' encode_prompt of each (image, prompt) and of (black image, negative)."""
+    from PIL import Image
+
+    enc = _models(out / "models", "i2v").text
+    pipe, kw = _pipelines(enc, "i2v"), dict(prompt_template=_diffusers_template(enc.video_template), device="cpu",
+                                            dtype=torch.float32, image_embed_interleave=4)
+    got = io.load_safetensors(out / "validation" / "conditioning.safetensors")
+    for i, prompt in enumerate(["A red circle moves.", "A blue square falls."]):
+        image = Image.open(tmp / f"v{i}.png").convert("RGB")
+        for part, (im, text) in (("cond", (image, prompt)), ("uncond", (Image.new("RGB", image.size), "blurry"))):
+            states, pooled, mask = pipe.encode_prompt([im], [text], **kw)
+            assert torch.equal(got[f"{i}.{part}.text_mask"], mask.to(got[f"{i}.{part}.text_mask"].dtype))
+            assert rel_err(got[f"{i}.{part}.text_states"], states) <= 1e-6  # measured 0
+            assert rel_err(got[f"{i}.{part}.text_states_2"], pooled) <= 1e-6
+
+
 def test_interrupted_extraction_resumes_without_redoing(messy, tmp, capfd):  # noqa: F811
     out = tmp / "run"
-    spawn(_run, 1, str(messy), str(out), "i2v")
+    spawn(functools.partial(_run, **_validation_prompts(tmp)), 1, str(messy), str(out), "i2v")
+    _check_validation_encodings(out, tmp)
     full = _files(out)
     assert all("cond_latents" in t and t["cond_latents"].shape[1] == 1 for t in full.values())
     records = [json.loads(x) for x in (out / "index.jsonl").read_text().splitlines()]
