@@ -20,6 +20,7 @@ CASES = [
     (["scripts/make_dataset.py", "--out", "{tmp}/d", "--num-clips", "1", "--num-folders", "3"],
      "num_folders (3) <= num_clips (1)"),
     (["scripts/plan_memory.py", "--model", "nope"], "unknown DiT preset 'nope'"),
+    (["scripts/plan_memory.py", "fit", "--shape", "512x512x32"], "frames must be 4k + 1"),
     (["scripts/train.py", "tiny", "--features", "/nope/feats", "--out", "{tmp}/t"], "/nope/feats/index.jsonl"),
     (["scripts/sample.py", "tiny", "--prompt", "a cat", "--frames", "18", "--out", "{tmp}/s"], "use 17 or 21"),
     (["scripts/convert.py", "dit", "--preset", "tiny", "--source", "/nope/dit.pt", "--target", "{tmp}/x"],
