@@ -69,9 +69,13 @@ def quantize_tree(params: Params) -> Params:
     return out
 
 
-def dequantize(params: Params, dtype: torch.dtype) -> Params:
-    """The prepare stage: fp8 leaves with a scale -> `dtype`; scale leaves dropped (traceable)."""
-    return {k: dequantize_leaf(v, params[k + SCALE], dtype) if k + SCALE in params else v
+def dequantize(params: Params, dtype: torch.dtype | dict[str, torch.dtype]) -> Params:
+    """The prepare stage: fp8 leaves with a scale -> `dtype` (or dtype[name]: training's per-leaf
+    compute dtypes); scale leaves dropped (traceable)."""
+    def to(k: str) -> torch.dtype:
+        return dtype[k] if isinstance(dtype, dict) else dtype
+
+    return {k: dequantize_leaf(v, params[k + SCALE], to(k)) if k + SCALE in params else v
             for k, v in params.items() if not k.endswith(".weight" + SCALE)}
 
 

@@ -7,24 +7,35 @@ are views of it). (musubi-tuner also swaps from the end, but of each list: its N
 N // 2 double and 2 (N - N // 2) + 1 single blocks, so its 38 is 19 + 39 of our 60.)
 The device holds a ring of 2 flat slots, each the size of the largest swapped block.
 Entering swapped block j waits for its copy (issued one swapped block earlier on a side
-stream, or now on a miss) and issues the copy of the next swapped block in the cyclic run
-order into the other slot, after the work already queued on the compute stream (which
-last read that slot), so the copy overlaps block j's compute.
-After the last block the first swapped block is fetched for the next step.
+stream, or now on a miss) and issues the copy of the block that comes next into the other
+slot (unless a slot holds it already), after the work already queued on the compute stream
+(which last read that slot), so the copy overlaps block j's compute. What comes next:
+in a forward the next swapped block; after the last one the first (no grad: the next
+forward) or the one before it (grad on: the backward goes back through the blocks); in a
+backward (autograd's graph task running) the previous one.
 Leaf bytes are copied as they are: the swapped path computes what the resident path does,
 bit for bit. On CPU the "device" is the CPU and the stage is a plain copy into the ring.
 
 With compiled blocks the copy stays outside the graph: `wrap` runs it before the compiled
 block function (streams, events and the ring's Python state are not traceable), and the
 graph sees the slot's views as its weight inputs; fp8's upcast is inside the graph.
-Sampling only (no autograd: a slot is overwritten two swapped blocks later). Training's
-frozen-weight swap with a backward refetch is still to do (issue 15).
+
+Training (frozen weights only, parallel/memory_train.py): a slot is overwritten two swapped
+blocks later, so nothing autograd keeps may point into it. `saved` runs a swapped block
+under saved-tensor hooks: a saved tensor that aliases a slot is stored as (block, byte
+offset, size, stride, dtype), and unpacking it in the backward enters that block again
+(its copy, or a hit, and the previous block's copy started), then returns the same view.
+Exact (the same bytes at the same strides), with no change to any block or backward
+formula; autograd's own saved tensors elsewhere are untouched. A recompute (checkpoint)
+saves nothing through these hooks: its recompute forward runs the prepare chain again,
+fetching in the backward order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -39,15 +50,16 @@ ALIGN = 256  # byte offset of every leaf in a flat buffer (any dtype's view, vec
 
 @dataclass(frozen=True, kw_only=True)
 class MemoryConfig:
-    """How the DiT's block weights are stored on one device (sampling)."""
+    """How the DiT's block weights are stored on one device (sampling; training: the frozen base only)."""
 
     blocks_to_swap: int = 0
     """Blocks (counted from the end of the run order: single blocks last first, then double)
     kept in pinned host memory and copied to the device one block ahead while the previous
-    one computes. Same results; slower when the copy outlasts a block's compute."""
+    one computes (training: their frozen weights, refetched for the backward). Same results;
+    slower when the copy outlasts a block's compute."""
     fp8_weights: bool = False
-    """Store block linears as float8_e4m3fn with an fp32 scale per output row, upcast per block
-    (weight-only). Changes results (bound in graphs/fp8.py); opt-in."""
+    """Store block linears (training: the frozen ones) as float8_e4m3fn with an fp32 scale per
+    output row, upcast per block (weight-only). Changes results (bound in graphs/fp8.py); opt-in."""
 
     @property
     def enabled(self) -> bool:
@@ -102,6 +114,21 @@ class _Slot:
     ready: object | None = None  # event recorded after the copy into buf (accelerators)
 
 
+class _Saved(NamedTuple):
+    """A saved tensor that aliased a slot: which block's bytes, and where in the slot."""
+
+    pre: str
+    dtype: torch.dtype
+    shape: torch.Size
+    stride: tuple[int, ...]
+    offset: int  # in elements of dtype
+
+
+def _in_backward() -> bool:
+    task = getattr(torch._C, "_current_graph_task_id", None)  # set while autograd's engine runs
+    return task is not None and task() != -1
+
+
 class BlockSwap:
     """Swapped blocks in host memory and the 2-slot device ring; `fetch` is the prepare stage."""
 
@@ -116,16 +143,24 @@ class BlockSwap:
             for k, v in _views(buf, self.layout[pre]).items():
                 v.copy_(p[k])
             self.host[pre] = buf
+        self.owners = {buf.untyped_storage().data_ptr(): pre for pre, buf in self.host.items()}
         size = max((lay.nbytes for lay in self.layout.values()), default=0)
         self.slots = [_Slot(torch.empty(size, dtype=torch.uint8, device=self.device)) for _ in range(2)]
         self.mod = getattr(torch, self.device.type) if accel else None
         self.stream = self.mod.Stream(self.device) if accel else None
         self.last = 1  # slot the previous swapped block computed from
-        self.events: list[tuple[str, str]] | None = None  # a test sets [] to record ("copy" | "run", prefix)
+        self.unpacking: str | None = None  # block whose saved tensors the backward unpacks now
+        self.events: list[tuple[str, str]] | None = None  # a test sets [] to record (what, prefix)
 
     def host_tree(self) -> Params:
         """Full names -> host views of the swapped leaves (what the params tree holds for them)."""
         return {pre + k: v for pre in self.order for k, v in _views(self.host[pre], self.layout[pre]).items()}
+
+    def owner(self, p: Params) -> str | None:
+        """The swapped block whose host buffer holds some leaf of p (None: none does)."""
+        return next((self.owners[v.untyped_storage().data_ptr()] for v in p.values()
+                     if isinstance(v, Tensor) and v.device.type == "cpu"
+                     and v.untyped_storage().data_ptr() in self.owners), None)
 
     @property
     def slot_bytes(self) -> int:
@@ -145,36 +180,84 @@ class BlockSwap:
             slot.ready = self.mod.Event()
             slot.ready.record(self.stream)
 
-    def fetch(self, pre: str, p: Params) -> Params:
-        """Block `pre`'s leaves on the device (p: its host views, checked) and the next block's copy started."""
-        if set(p) != set(self.layout[pre].names):
-            raise RuntimeError(f"block swap: {pre} got leaves {sorted(p)[:3]}..., "
-                               f"stored {self.layout[pre].names[:3]}...")
+    def _next(self, pre: str) -> str:
+        """The swapped block needed after `pre` (module docstring)."""
+        i, n = self.order.index(pre), len(self.order)
+        if _in_backward():
+            return self.order[i - 1] if i > 0 else self.order[1 % n]  # then the next step's forward
+        if i + 1 < n:
+            return self.order[i + 1]
+        return self.order[max(n - 2, 0)] if torch.is_grad_enabled() else self.order[0]
+
+    def _enter(self, pre: str) -> int:
+        """The slot holding block `pre` (copied now on a miss: the order changed), the next block's copy started."""
         hit = [s for s, slot in enumerate(self.slots) if slot.holds == pre]
         s = hit[0] if hit else 1 - self.last
         if not hit:  # first block of a run, or the order changed (a step cache skipped blocks)
             self._copy(pre, s)
-        nxt = self.order[(self.order.index(pre) + 1) % len(self.order)]
-        if nxt != pre:
+        nxt = self._next(pre)
+        if all(slot.holds != nxt for slot in self.slots):
             self._copy(nxt, 1 - s)
         slot = self.slots[s]
         if slot.ready is not None:
             self.mod.current_stream(self.device).wait_event(slot.ready)
         self.last = s
+        return s
+
+    def fetch(self, pre: str, p: Params) -> Params:
+        """Block `pre`'s leaves on the device (p: its host views, checked) and the next block's copy started."""
+        if set(p) != set(self.layout[pre].names):
+            raise RuntimeError(f"block swap: {pre} got leaves {sorted(p)[:3]}..., "
+                               f"stored {self.layout[pre].names[:3]}...")
+        s = self._enter(pre)
+        self.unpacking = None
         if self.events is not None:
             self.events.append(("run", pre))
-        return _views(slot.buf, self.layout[pre])
+        return _views(self.slots[s].buf, self.layout[pre])
 
-    def wrap(self, blocks: dit.Blocks) -> dit.Blocks:
-        """Blocks whose swapped ones fetch their weights before the (compiled) block function."""
+    def _pack(self, t: Tensor):
+        ptr = t.untyped_storage().data_ptr() if t.device.type == self.device.type else None  # cuda vs cuda:0
+        for slot in self.slots:
+            if ptr == slot.buf.untyped_storage().data_ptr():
+                return _Saved(slot.holds, t.dtype, t.shape, t.stride(), t.storage_offset())
+        return t
 
+    def _unpack(self, x):
+        if not isinstance(x, _Saved):
+            return x
+        s = self._enter(x.pre)
+        if self.events is not None and self.unpacking != x.pre:
+            self.events.append(("unpack", x.pre))
+        self.unpacking = x.pre
+        return self.slots[s].buf.view(x.dtype).as_strided(x.shape, x.stride, x.offset)
+
+    def saved(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """Saved-tensor hooks for a swapped block's forward (training): slot views are saved as
+        _Saved and refetched when the backward unpacks them."""
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(t), lambda x: self._unpack(x))
+
+    def _each(self, blocks: dit.Blocks, stage: Callable[[str, Callable], Callable]) -> dit.Blocks:
         def staged(pre: str, fn: Callable) -> Callable:
-            if pre not in self.layout:
-                return fn
-            return lambda p, *args, **kw: fn(self.fetch(pre, p), *args, **kw)
+            return stage(pre, fn) if pre in self.layout else fn
 
         return dit.Blocks(double=lambda i: staged(f"double_blocks.{i}.", blocks.double(i)),
                           single=lambda i: staged(f"single_blocks.{i}.", blocks.single(i)))
+
+    def wrap(self, blocks: dit.Blocks) -> dit.Blocks:
+        """Blocks whose swapped ones fetch their weights before the (compiled) block function."""
+        return self._each(blocks, lambda pre, fn: lambda p, *args, **kw: fn(self.fetch(pre, p), *args, **kw))
+
+    def wrap_saved(self, blocks: dit.Blocks) -> dit.Blocks:
+        """Training: blocks whose swapped ones run under `saved` (their fetch is a stage of their prepare)."""
+
+        def stage(pre: str, fn: Callable) -> Callable:
+            def run(*args, **kw):
+                with self.saved():
+                    return fn(*args, **kw)
+
+            return run
+
+        return self._each(blocks, stage)
 
 
 @dataclass

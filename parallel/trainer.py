@@ -36,6 +36,7 @@ import torch.distributed as dist
 from graphs import backends, bench
 from graphs.blocks import Compile, Recompute, make_blocks
 from graphs.precision import Precision, compute_dtypes
+from graphs.swap import MemoryConfig
 from hvfunc import ckpt, io
 from hvfunc.config import dit_preset
 from hvfunc.data.buckets import BucketSampler, group
@@ -43,7 +44,7 @@ from hvfunc.data.features import FeatureDataset, collate
 from hvfunc.dit_spec import dit_spec
 from hvfunc.flow import TimestepSampling
 from hvfunc.params import init_leaves
-from parallel import checkpoint, ema, gather, lora_train, optim, plan, runtime, step, tblog, validation
+from parallel import checkpoint, ema, gather, lora_train, memory_train, optim, plan, runtime, step, tblog, validation
 from parallel.ema import EMAConfig
 from parallel.lora_train import LoraTrain
 from parallel.mesh import ParallelConfig, build
@@ -96,6 +97,8 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     recompute: Recompute = field(default_factory=Recompute)
     compile: Compile = field(default_factory=Compile)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """LoRA's frozen base: the last N blocks' weights in host memory, fp8 storage (parallel.memory_train)."""
     attention: str = "sdpa"
     """Attention backend: sdpa, flash-varlen, npu."""
     device: str = "auto"
@@ -154,11 +157,13 @@ def _check_buckets(keys: list[tuple[int, ...]], model, meshes) -> None:
                          f"sequence parallelism): re-extract with --cp or change the parallel layout")
 
 
-def _params(cfg: TrainConfig, model, meshes, device: torch.device, tune: lora_train.Tuning | None = None):
+def _params(cfg: TrainConfig, model, meshes, device: torch.device, tune: lora_train.Tuning | None = None,
+            store: memory_train.FrozenStore | None = None):
     """DTensor leaves, built leaf by leaf: each rank holds one full leaf at a time, then only its
     shard (13B in fp32 is 51 GB: no rank may hold it whole). Official / diffusers files are
     memory-mapped where their format allows (hvfunc.io). Trainable leaves (tune.trains) are fp32
-    masters; frozen ones (the base under LoRA) are stored in their compute dtype, without grad."""
+    masters; frozen ones (the base under LoRA) are stored in their compute dtype, without grad, or as
+    `store` says (fp8, swapped blocks' local shards in host memory)."""
     tune = tune or lora_train.resolve(cfg.lora, model, cfg.init_from, cfg.seed)
     spec = dit_spec(model)
     if cfg.init_from is not None:
@@ -172,8 +177,11 @@ def _params(cfg: TrainConfig, model, meshes, device: torch.device, tune: lora_tr
     for k, v in itertools.chain(leaves, tune.leaves(cfg.seed)):
         train = tune.trains(k)
         v = v.to(device=device, dtype=torch.float32 if train else frozen[k])
-        out[k] = plan.shard({k: v}, placements, meshes)[k].requires_grad_(train)
-    return out
+        if store is not None and not train:
+            out |= store.shard(k, v, placements[k], meshes)
+        else:
+            out[k] = plan.shard({k: v}, placements, meshes)[k].requires_grad_(train)
+    return out if store is None else store.finish(out, device)
 
 
 def train(cfg: TrainConfig) -> list[dict]:
@@ -195,7 +203,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     last = checkpoint.latest(cfg.out / "checkpoints")
     if last is not None:  # before the (long) weight load
         lora_train.check_resume(json.loads((last / checkpoint.STATE_FILE).read_text()), tune, last)
-    params = _params(cfg, model, meshes, device, tune)
+    store = memory_train.frozen_store(cfg.memory, model, tune, compile=cfg.compile, recompute=cfg.recompute,
+                                      split=plan.tp_split(dit_spec(model) | tune.spec), sp=cfg.parallel.sequence_parallel)
+    params = _params(cfg, model, meshes, device, tune, store)
     # a rank's share of the global batch, from one bucket (one shape), split into micro batches later
     sampler = BucketSampler(group(ds.keys()), batch_size=cfg.batch_size * accum, rank=meshes.data_rank,
                             world_size=meshes.data_world, seed=cfg.seed)
@@ -207,7 +217,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         cfg.out.mkdir(parents=True, exist_ok=True)
         (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
         _truncate_metrics(cfg.out / "metrics.jsonl", run.step)
-    fixed = replace(_fixed(cfg, model, meshes, device, tune, uncond, accum), validation=val)
+    fixed = replace(_fixed(cfg, model, meshes, device, tune, uncond, accum, store), validation=val)
     return _loop(fixed, run, _epochs(ds, sampler, cfg.num_workers))
 
 
@@ -226,14 +236,17 @@ def _resume(last: Path, run: Run, sampler: BucketSampler) -> None:
 
 
 def _fixed(cfg: TrainConfig, model, meshes, device: torch.device, tune: lora_train.Tuning, uncond,
-           accum: int) -> Fixed:
-    """The compute functions of the step: cast then gather per block (fp32 gradient reduction), LoRA's
-    alpha / r folded into the gathered B, recompute and compilation around them."""
+           accum: int, store: memory_train.FrozenStore | None = None) -> Fixed:
+    """The compute functions of the step: (host -> device copy of swapped blocks, fp8 upcast,) cast then
+    gather per block (fp32 gradient reduction), LoRA's alpha / r folded into the gathered B, recompute and
+    compilation around them."""
     policy = Precision(compute=cfg.dtype, fp32_leaves=cfg.fp32_leaves)
     split = plan.tp_split(dit_spec(model) | tune.spec)
     prepare = gather.BlockGather(split, meshes.cfg.sequence_parallel, policy=policy, lora_scale=tune.scale)
+    prepare = prepare if store is None else store.prepare(prepare)
     blocks = make_blocks(prepare=prepare, recompute=cfg.recompute, compile=cfg.compile, dtensor_params=True,
                          device=device)
+    blocks = blocks if store is None else store.wrap(blocks)
     compute = {"cfg": model, "meshes": meshes, "prepare": prepare, "attn": backends.attention_backend(cfg.attention),
                "blocks": blocks}
     return Fixed(cfg=cfg, model=model, meshes=meshes, device=device, uncond=uncond, compute=compute, accum=accum,
