@@ -236,6 +236,8 @@ def _log(run: Run, rec: dict, metrics, bar, tb: tblog.TensorBoard | None) -> Non
         metrics.flush()
     if tb:
         tb.scalars(rec)
+        if run.samples is not None and run.samples.step == rec["step"]:  # this step's validation videos
+            tb.images(rec["step"], {p.stem: frame for p, frame in run.samples.videos})
     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.1e}")
     bar.update(1)
 

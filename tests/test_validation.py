@@ -5,13 +5,17 @@ errors when the prompts were not encoded. Tiny models on CPU."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import replace
+from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from dist import spawn
+from PIL import Image
 from reference import rel_err
 from test_sample_cli import _main as sample_main
 from test_trainer import _cfg, make_features
@@ -22,6 +26,7 @@ from hvfunc.data import extract as ex
 from hvfunc.sample import Sampling
 from parallel import train_loop, validation
 from parallel.mesh import ParallelConfig
+from parallel.tblog import LogConfig
 from parallel.trainer import train
 from parallel.validation import ValidationConfig
 
@@ -71,18 +76,21 @@ def i2v_run(tmp_path_factory):
     _fast_mfu(mp)
     feats, models, images = _encode(tmp, "i2v", ["A red circle moves.", "A blue square falls."])
     val = ValidationConfig(prompts=tmp / "p.txt", images=images, every=2, vae=models / "vae", **SIZE)
-    cfg = _cfg(feats, tmp / "run", model="tiny-i2v", steps=5, keep_last=3, validation=val)
+    tb = importlib.util.find_spec("tensorboard") is not None  # the first frames also go to TensorBoard
+    cfg = _cfg(feats, tmp / "run", model="tiny-i2v", steps=5, keep_last=3, validation=val,
+               log=LogConfig(tensorboard=tb))
     seen, real_log = {}, train_loop._log
 
     def log(run, *args, **kw):  # the logger hook: the step's videos are in the run state before _log
         if run.samples is not None and run.samples.step == run.step:
-            seen[run.step] = [(p.name, f.shape, str(f.dtype)) for p, f in run.samples.videos]
+            seen[run.step] = [(p.name, f.copy()) for p, f in run.samples.videos]
         return real_log(run, *args, **kw)
 
     mp.setattr(train_loop, "_log", log)
     with_val = train(cfg)
     mp.setattr(train_loop, "_log", real_log)
-    without = train(replace(cfg, out=tmp / "plain", checkpoint_every=100, validation=ValidationConfig()))
+    without = train(replace(cfg, out=tmp / "plain", checkpoint_every=100, validation=ValidationConfig(),
+                            log=LogConfig()))
     yield {"tmp": tmp, "cfg": cfg, "models": models, "images": images, "losses": (with_val, without), "seen": seen}
     mp.undo()
 
@@ -100,7 +108,22 @@ def test_videos_at_every_n_steps_and_loss_unchanged(i2v_run):
         assert side["settings"]["dit"]["step"] == step and side["settings"]["prompt"] == "A blue square falls."
         assert side["settings"]["image"] == str(i2v_run["tmp"] / "ref1.png")
     seen = i2v_run["seen"]
-    assert seen == {s: [(n + ".mp4", (32, 32, 3), "uint8") for n in names] for s in (2, 4)}  # first frames
+    assert {s: [(n, f.shape, f.dtype) for n, f in v] for s, v in seen.items()} == \
+        {s: [(n + ".mp4", (32, 32, 3), np.uint8) for n in names] for s in (2, 4)}  # first frames
+
+
+def test_first_frames_reach_tensorboard(i2v_run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(i2v_run["tmp"] / "run" / "tensorboard"), size_guidance={"images": 0})
+    ea.Reload()
+    for name in ("000-seed3-a-red-circle-moves", "001-seed3-a-blue-square-falls"):
+        events = ea.Images(f"samples/{name}")
+        assert [e.step for e in events] == [2, 4]
+        for e in events:  # PNG in the event file: lossless, so exactly the frame the hook saw
+            want = dict(i2v_run["seen"][e.step])[name + ".mp4"]
+            assert np.array_equal(np.asarray(Image.open(BytesIO(e.encoded_image_string)).convert("RGB")), want)
 
 
 def test_videos_equal_sample_py_on_the_checkpoint(i2v_run):
