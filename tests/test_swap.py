@@ -1,7 +1,9 @@
 """Block swap and fp8 weight storage (graphs/swap.py, graphs/fp8.py) on CPU: the swapped path
 samples the resident path's latents bit for bit (T2V, I2V, eager and compiled blocks), the
 copies run one swapped block ahead and each block computes with its own weights; fp8's
-error stays within the e4m3 bound, its bytes are half of bf16; the --memory.* flags."""
+error stays within the e4m3 bound, its bytes are half of bf16; the --memory.* flags. With cp 2
+(Ulysses over 2 ranks) swap and fp8 + swap sample what cp 2 resident and cp 2 fp8 do: `cp2_runs`,
+run inside tests/test_swap_train.py's 2-rank process group (no spawn of its own)."""
 
 from __future__ import annotations
 
@@ -143,6 +145,32 @@ def test_fp8_sampling_composes_with_swap_bit_for_bit(backend):
         err = rel_err(got, _sample(cfg, params, steps=1))
         print(f"fp8 vs bf16 weights, latents after 1 step: rel err {err:.2e}")
         assert 0 < err < 0.1  # fp8 changes results (opt-in), by a weight-rounding amount
+
+
+def cp2_runs(rank: int) -> dict:
+    """On each rank of a 2-rank group: tiny I2V real-CFG latents (bf16) with the video tokens split
+    over a cp-2 mesh the way sample.py splits them (parallel.sample_run._split), stored resident,
+    swapped, fp8 and fp8 + swapped. Returns {"cp2-<name>": latents}."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from parallel.sample_run import _split
+
+    cfg = DIT_PRESETS["tiny-i2v"]
+    params = random_params(cfg, seed=0, scale=0.1, dtype=torch.bfloat16)
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("cp",))
+    cond, uncond = _conds(cfg)
+    g = torch.Generator().manual_seed(2)
+    noise, z = torch.randn(B, 16, T, H, W, generator=g), torch.randn(B, 16, 1, H, W, generator=g)
+    split = _split(mesh, T * (H // 2) * (W // 2), sample.sdpa)
+    out = {}
+    for name, mem in (("resident", MemoryConfig()), ("swap", MemoryConfig(blocks_to_swap=3)),
+                      ("fp8", MemoryConfig(fp8_weights=True)), ("fp8-swap", MemoryConfig(fp8_weights=True, blocks_to_swap=3))):
+        st = store(params, mem, cfg=cfg, device="cpu", dtype=torch.bfloat16)
+        blocks = sampling.sampling_blocks(sampling.SampleGraphs(), stored=st)
+        out[f"cp2-{name}"] = sample.denoise(st.params, noise, cond, uncond, cfg=cfg, image_latents=z,
+                                            sampling=sample.Sampling(steps=2, cfg_scale=3.0), attn=sample.sdpa,
+                                            blocks=blocks, split=split)
+    return out
 
 
 def test_memory_flags_through_the_script(tmp_path):

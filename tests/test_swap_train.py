@@ -1,6 +1,7 @@
 """Block swap and fp8 storage of LoRA's frozen base in training (parallel/memory_train.py): swapped
 training equals resident training bit for bit (losses, step-2 adapter gradients, final adapters; T2V
-and I2V, eager and aot_eager, with recompute and eager offload; FSDP on 2 ranks, with fp8 too); the copies follow the
+and I2V, eager and aot_eager, with recompute and eager offload; FSDP and tp (+ sequence parallel) on 2
+ranks, with fp8 too; the same 2 ranks check swapped sampling with cp 2, test_swap.cp2_runs); the copies follow the
 forward order, then the backward's reverse order, and every fetched or refetched weight holds its
 own block's bytes; fp8 keeps the loss within its stated bound of bf16 in half the frozen bytes;
 full finetuning and compiled offload are refused. Each group of runs is one spawned process group."""
@@ -57,9 +58,10 @@ def _instrument(swap, rec: dict) -> None:
     swap.fetch, swap._unpack = fetched, unpacked
 
 
-def _worker(rank, world, runs, out):
+def _worker(rank, world, runs, out, extra=None):
     """trainer.train for each (name, cfg); records losses, the last step's whole adapter gradients,
-    the final adapters, this rank's stored bytes per frozen leaf and (swapped runs) the copy events."""
+    the final adapters, this rank's stored bytes per frozen leaf and (swapped runs) the copy events.
+    extra(rank) -> dict: more checks run in the same process group, merged into what rank 0 returns."""
     from parallel import memory_train, optim, plan, trainer
 
     real_clip, real_loop, real_finish, got = optim.clip_, trainer._loop, memory_train.FrozenStore.finish, {}
@@ -87,13 +89,15 @@ def _worker(rank, world, runs, out):
         torch._dynamo.reset()
         got[name] = {}
         trainer.train(cfg)
+    if extra is not None:
+        got |= extra(rank)
     if rank == 0:
         with open(out, "wb") as f:
             pickle.dump(got, f)
 
 
-def _spawn(world: int, runs: list, tmp: Path) -> dict:
-    spawn(_worker, world, runs, str(tmp / "got.pkl"))
+def _spawn(world: int, runs: list, tmp: Path, extra=None) -> dict:
+    spawn(_worker, world, runs, str(tmp / "got.pkl"), extra)
     with open(tmp / "got.pkl", "rb") as f:
         return pickle.load(f)
 
@@ -173,21 +177,35 @@ def test_fp8_frozen_base_in_half_the_bytes_and_the_loss_within_its_bound(single)
     assert 0 < rel[0] <= 2.0**-4
 
 
-def test_two_rank_fsdp_swapped_training_equals_resident(tmp):
+def test_two_rank_swapped_training_equals_resident_and_cp2_sampling_too(tmp):
     """dp_shard 2: every frozen leaf a shard, its host copy the local shard, gathered after the copy.
     bf16 with full recompute (the recompute fetches again, in the backward's order); fp8 without
-    recompute, where autograd keeps the gathered (fresh) weights, so the backward refetches nothing."""
+    recompute, where autograd keeps the gathered (fresh) weights, so the backward refetches nothing.
+    tp 2: the swapped host copy is the tp shard (column / row split), the block's tp collectives run on
+    the fetched views; with recompute (refetch) and, with sequence parallel, fp8 (the scale replicated
+    where the weight splits its input dim) without recompute. The same group then samples with cp 2
+    (test_swap.cp2_runs): swap and fp8 + swap give cp 2 resident's and cp 2 fp8's latents bit for bit."""
+    from test_swap import cp2_runs
+
     fsdp = {"parallel": ParallelConfig(dp_shard=2), "global_batch_size": None}
-    rc = {"recompute": Recompute(double_full=2, single_full=2)} | fsdp
+    tp, tp_sp = ({"parallel": ParallelConfig(dp_shard=1, tp=2, sequence_parallel=sp)} for sp in (False, True))
+    rc = {"recompute": Recompute(double_full=2, single_full=2)}
     f8, f8_swap = MemoryConfig(fp8_weights=True), MemoryConfig(fp8_weights=True, blocks_to_swap=3)
-    runs = [_run(tmp, "fsdp", "tiny-i2v", **rc), _run(tmp, "fsdp-swap", "tiny-i2v", memory=SWAP, **rc),
-            _run(tmp, "fsdp-fp8", "tiny-i2v", memory=f8, **fsdp), _run(tmp, "fsdp-fp8-swap", "tiny-i2v", memory=f8_swap, **fsdp)]
-    got = _spawn(2, runs, tmp)
-    _same(got["fsdp"], got["fsdp-swap"])
-    _same(got["fsdp-fp8"], got["fsdp-fp8-swap"])
-    assert got["fsdp-swap"]["events"] == FWD1 + REFETCH + FWD2 + REFETCH
-    assert got["fsdp-fp8-swap"]["events"] == FWD1 + FWD1  # no refetch: step 2 starts from an empty-looking ring
-    assert all(got[k]["checked"] > 0 and got[k]["wrong"] == 0 for k in ("fsdp-swap", "fsdp-fp8-swap"))
+    runs = [_run(tmp, "fsdp", "tiny-i2v", **rc, **fsdp), _run(tmp, "fsdp-swap", "tiny-i2v", memory=SWAP, **rc, **fsdp),
+            _run(tmp, "fsdp-fp8", "tiny-i2v", memory=f8, **fsdp), _run(tmp, "fsdp-fp8-swap", "tiny-i2v", memory=f8_swap, **fsdp),
+            _run(tmp, "tp", "tiny", **rc, **tp), _run(tmp, "tp-swap", "tiny", memory=SWAP, **rc, **tp),
+            _run(tmp, "tp-sp-fp8", "tiny", memory=f8, **tp_sp), _run(tmp, "tp-sp-fp8-swap", "tiny", memory=f8_swap, **tp_sp)]
+    got = _spawn(2, runs, tmp, cp2_runs)
+    for plain in ("fsdp", "fsdp-fp8", "tp", "tp-sp-fp8"):
+        _same(got[plain], got[plain + "-swap"])
+    assert got["fsdp-swap"]["events"] == got["tp-swap"]["events"] == FWD1 + REFETCH + FWD2 + REFETCH
+    # fp8: autograd keeps the upcast (fresh) weights, so no refetch: step 2 starts from an empty-looking ring
+    assert got["fsdp-fp8-swap"]["events"] == got["tp-sp-fp8-swap"]["events"] == FWD1 + FWD1
+    swapped = ("fsdp-swap", "fsdp-fp8-swap", "tp-swap", "tp-sp-fp8-swap")
+    assert all(got[k]["checked"] > 0 and got[k]["wrong"] == 0 for k in swapped)
+    assert any(v.any() for k, v in got["tp"]["final"].items() if k.endswith("lora_B"))  # the adapters trained
+    assert torch.equal(got["cp2-swap"], got["cp2-resident"]) and torch.equal(got["cp2-fp8-swap"], got["cp2-fp8"])
+    assert not torch.equal(got["cp2-fp8"], got["cp2-resident"])  # fp8 did store the weights in fp8
 
 
 @pytest.mark.parametrize("kw,message", [
