@@ -7,6 +7,7 @@
 #   bash scripts/gpu_check.sh recompute      # train step with selective recompute and with offload
 #   MODES=offload bash scripts/gpu_check.sh offload recompute   # the offload GPU test and bench only
 #   bash scripts/gpu_check.sh pipeline       # end-to-end T2V vs diffusers' pipeline (fp32, real VAE, 18k tokens)
+#   bash scripts/gpu_check.sh swap           # block swap GPU tests: sampling and LoRA training (overlap, peak, bits)
 # Results go to $OUT. Wheels the image lacks (diffusers, tyro, ...) travel in .whl/.
 # DRY=1 runs every command on this CPU with tiny shapes (catches broken commands before a
 # GPU session; the GPU tests skip themselves there). BUDGET=seconds (default 560) ends the
@@ -79,6 +80,8 @@ for section in "$@"; do
         cap 240 $PY scripts/bench.py train $FULL $TRAIN_SHAPE --repeats 3 --recompute-mode $mode \
           --compile $COMPILE --json "$OUT/train_$mode.json" 2>&1 | tee "$OUT/train_$mode.log" | grep -v Warning
       done ;;
+    swap)  # block swap on CUDA: copies under compute, peak down by the swapped bytes, same bits (sample + train)
+      cap 200 $PY -m pytest -q -s -p no:cacheprovider tests/test_swap_gpu.py 2>&1 | tee "$OUT/swap_gpu.log" | tail -8 ;;
     pipeline)  # end-to-end sampling, ours vs HunyuanVideoPipeline: seconds per stage, peak memory, video error
       cap 240 $PY scripts/bench.py pipeline $PIPE --repeats 3 --json "$OUT/pipeline.json" 2>&1 \
         | tee "$OUT/pipeline.log" | grep -v Warning ;;
