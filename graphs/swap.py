@@ -17,8 +17,10 @@ Leaf bytes are copied as they are: the swapped path computes what the resident p
 bit for bit. On CPU the "device" is the CPU and the stage is a plain copy into the ring.
 
 With compiled blocks the copy stays outside the graph: `wrap` runs it before the compiled
-block function (streams, events and the ring's Python state are not traceable), and the
-graph sees the slot's views as its weight inputs; fp8's upcast is inside the graph.
+block function, and the graph sees the slot's views as its weight inputs; fp8's upcast is
+inside the graph. Chosen by construction, not measured: the side stream, its events and the
+ring's Python state are not traceable, so an in-graph copy would need another design (a
+custom op); no benchmark compares the two (bench_sample has no swap mode; no GPU run yet).
 
 Training (frozen weights only, parallel/memory_train.py): a slot is overwritten two swapped
 blocks later, so nothing autograd keeps may point into it. `saved` runs a swapped block
