@@ -71,11 +71,11 @@ def write_llava(folder: Path, tokenizer, *, size: int = 56):
     return llava
 
 
-def write_clip(folder: Path, tokenizer):
-    """A full CLIPModel folder (as openai/clip-vit-large-patch14 is) whose text half is `tiny_clip`."""
+def write_clip(folder: Path, tokenizer, **kw):
+    """A full CLIPModel folder (as openai/clip-vit-large-patch14 is) whose text half is `tiny_clip(**kw)`."""
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
 
-    text = tiny_clip(tokenizer)
+    text = tiny_clip(tokenizer, **kw)
     vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                               image_size=28, patch_size=14, projection_dim=text.config.projection_dim)
     full = _seeded(4, lambda: CLIPModel(CLIPConfig(text_config=text.config.to_dict(),
