@@ -97,13 +97,14 @@ FLAGS = ("--validation-prompts", "--validation-images")
 def model_paths(a: ExtractArgs) -> ModelArgs:
     """The VAE and text encoder folders (tiny: rank 0 writes them under <out>/models first)."""
     m = a.models
-    if m.preset == "tiny":  # rank 0 writes them; every rank loads them from disk
+    if m.preset == "tiny":  # rank 0 writes them; every rank loads them from disk; a given path wins
         root = a.out / "models"
         if runtime.is_main():
             ex.write_tiny_models(root, a.task)
         dist.barrier()
         llm = root / ("text_encoder_i2v" if a.task == "i2v" else "text_encoder")
-        m = ModelArgs(vae=root / "vae", text_encoder=llm, text_encoder_2=root / "text_encoder_2")
+        m = ModelArgs(vae=m.vae or root / "vae", text_encoder=m.text_encoder or llm,
+                      text_encoder_2=m.text_encoder_2 or root / "text_encoder_2")
     if None in (m.vae, m.text_encoder, m.text_encoder_2):
         raise ValueError("give --models.preset tiny or all of --models.vae, --models.text-encoder, "
                          "--models.text-encoder-2")
