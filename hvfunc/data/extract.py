@@ -37,7 +37,8 @@ class ModelArgs:
     """Where the VAE and text encoders come from (scripts/extract.py and scripts/sample.py: `--models.*`)."""
 
     preset: Literal["tiny", "none"] = "none"
-    """tiny: build tiny random VAE / LLM / CLIP under <out>/models and load them from there."""
+    """tiny: build tiny random VAE / LLM / CLIP under <out>/models and load them from there (extract.py:
+    a --models.* path given replaces that one; sample.py: random ones only when no path is given)."""
     vae: Path | None = None
     """VAE folder (pytorch_model.pt + config.json, or diffusers' vae/)."""
     text_encoder: Path | None = None
