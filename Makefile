@@ -5,6 +5,9 @@ PY ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+# pytest worker processes (pytest-xdist), one intra-op thread each: 2 fits a 2-core CI machine;
+# TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,4 +22,4 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/python scripts/demo.py
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests $(PYTEST_ARGS)
