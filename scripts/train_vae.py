@@ -1,6 +1,6 @@
 """Train a tiny causal VAE on raw clips (one process) and write it in the official VAE layout.
 
-    python scripts/train_vae.py --data runs/demo/data/data.txt --out runs/demo/vae_train
+    python scripts/train_vae.py --data runs/demo/data/data.txt --out runs/demo/vae --preset demo
 
 writes <out>/vae/pytorch_model.pt + config.json (pass it as --models.vae to extract.py and
 sample.py), <out>/metrics.jsonl (loss per step) and <out>/eval.json (reconstruction PSNR of
