@@ -139,20 +139,23 @@ def vae_loss(p: hp.Params, x: Tensor, *, cfg: VAEConfig, kl_weight: float,
 @torch.no_grad()
 def evaluate(p: hp.Params, ds: VideoDataset, cfg: VAEConfig, device: torch.device, seed: int) -> dict:
     """Reconstruction PSNR (dB, pixels in [-1, 1], posterior mode) of every clip as extraction loads it,
-    of their first frames encoded alone, and the std of the scaled posterior samples (what the DiT sees)."""
-    se, n, se0, n0, lat = 0.0, 0, 0.0, 0, []
+    of their first frames encoded alone, of a flat picture (each clip's mean colour: what a VAE that draws
+    no shapes reaches), and the std of the scaled posterior samples (what the DiT sees)."""
+    se, n, se0, n0, flat, lat = 0.0, 0, 0.0, 0, 0.0, []
     g = torch.Generator(device="cpu").manual_seed(seed)
     for i in range(len(ds)):
         x = ds[i]["video"][None].to(device)
         mean, logvar = vae.encode(p, x, cfg=cfg)
         se += float((vae.decode(p, vae.mode(mean, logvar), cfg=cfg) - x).square().sum())
         n += x.numel()
+        flat += float((x - x.mean((2, 3, 4), keepdim=True)).square().sum())
         lat.append(vae.scale_latents(vae.sample(mean.cpu(), logvar.cpu(), generator=g), cfg=cfg).flatten())
         m0, _ = vae.encode(p, x[:, :, :1], cfg=cfg)
         se0 += float((vae.decode(p, m0, cfg=cfg) - x[:, :, :1]).square().sum())
         n0 += x[:, :, :1].numel()
     psnr = lambda s, k: 10 * math.log10(4.0 / max(s / k, 1e-12))
-    return {"psnr": psnr(se, n), "psnr_frame0": psnr(se0, n0), "latent_std": float(torch.cat(lat).std())}
+    return {"psnr": psnr(se, n), "psnr_frame0": psnr(se0, n0), "psnr_flat": psnr(flat, n),
+            "latent_std": float(torch.cat(lat).std())}
 
 
 def train_init(vcfg: VAEConfig, seed: int, device: torch.device) -> hp.Params:

@@ -54,10 +54,11 @@ def _pick(seq, gen: torch.Generator):
     return seq[int(torch.randint(len(seq), (), generator=gen))]
 
 
-def random_clip(gen: torch.Generator, fmt: tuple[int, int, int, int]) -> ClipSpec:
-    """One or two movers with distinct colours on a clip of the given format."""
+def random_clip(gen: torch.Generator, fmt: tuple[int, int, int, int], movers: int | None = None) -> ClipSpec:
+    """`movers` (None: one or two at random) movers with distinct colours on a clip of the given format."""
     h, w, fps, n = fmt
-    count = 1 + int(torch.randint(2, (), generator=gen))
+    drawn = 1 + int(torch.randint(2, (), generator=gen))  # drawn either way: the same stream for every choice
+    count = movers or drawn
     colours = [list(COLOURS)[i] for i in torch.randperm(len(COLOURS), generator=gen)[:count]]
     movers = tuple(Mover(shape=_pick(SHAPES, gen), colour=c, direction=_pick(list(DIRECTIONS), gen),
                          radius=max(4, min(h, w) // 8), lane=0.25 + 0.5 * float(torch.rand((), generator=gen)))
@@ -114,13 +115,13 @@ def write_folder(folder: str | Path, specs: list[ClipSpec], names: list[str]) ->
 
 
 def make_dataset(root: str | Path, *, num_clips: int = 10, num_folders: int = 1, seed: int = 0,
-                 formats: tuple[tuple[int, int, int, int], ...] = FORMATS) -> Path:
+                 formats: tuple[tuple[int, int, int, int], ...] = FORMATS, movers: int | None = None) -> Path:
     """Write `num_folders` dataset folders under root (clips split between them, names unique)
-    and root/data.txt listing them; returns the data.txt path."""
+    and root/data.txt listing them; returns the data.txt path. movers: shapes per clip (None: 1 or 2)."""
     if not 1 <= num_folders <= num_clips:
         raise ValueError(f"need 1 <= num_folders ({num_folders}) <= num_clips ({num_clips})")
     root, gen = Path(root).resolve(), torch.Generator().manual_seed(seed)
-    specs = [random_clip(gen, formats[i % len(formats)]) for i in range(num_clips)]
+    specs = [random_clip(gen, formats[i % len(formats)], movers) for i in range(num_clips)]
     lines = []
     for k in range(num_folders):
         ids = list(range(k, num_clips, num_folders))
@@ -128,3 +129,33 @@ def make_dataset(root: str | Path, *, num_clips: int = 10, num_folders: int = 1,
         lines.append(f"{root / f'ds{k}'},{js}")
     io.write_atomic(root / "data.txt", ("\n".join(lines) + "\n").encode())
     return root / "data.txt"
+
+
+def track(frames: np.ndarray, threshold: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the shapes are in uint8 frames [T, H, W, 3]: per frame the centroid (x, y) in pixels
+    [T, 2], the mean colour [T, 3] and the count [T] of the pixels farther than `threshold` (largest
+    of the three channel differences, 0-255) from BACKGROUND; NaN rows where no pixel is."""
+    far = (np.abs(frames.astype(np.int16) - np.array(BACKGROUND, np.int16)).max(-1) > threshold)  # [T, H, W]
+    y, x = np.mgrid[0:far.shape[1], 0:far.shape[2]]
+    n = far.sum((1, 2)).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centre = np.stack([(far * x).sum((1, 2)) / n, (far * y).sum((1, 2)) / n], -1)
+        colour = (frames * far[..., None]).sum((1, 2)) / n[:, None]
+    return centre, colour, n
+
+
+def shape_error(video: np.ndarray, clip: np.ndarray) -> dict[str, float]:
+    """How far a video [T, H, W, 3] is from a synthetic clip of the same shape (uint8 frames):
+    position_px, the mean over frames of the distance between their shapes' centroids (a frame
+    where one of the two shows no shape, or the video's "shape" covers over 4x the clip's pixels, as
+    noise does, counts as the frame's diagonal); colour, the mean absolute difference of their
+    shapes' mean colours (0-255; such a frame counts 255); psnr in dB."""
+    if video.shape != clip.shape:
+        raise ValueError(f"video {video.shape} and clip {clip.shape} differ in shape")
+    (p, c, n), (q, d, m) = track(video), track(clip)
+    diag, lost = float(np.hypot(*clip.shape[1:3])), n > 4 * m
+    dist = np.where(lost, diag, np.nan_to_num(np.hypot(*(p - q).T), nan=diag))
+    colour = np.where(lost, 255.0, np.nan_to_num(np.abs(c - d).mean(-1), nan=255.0))
+    mse = float(((video.astype(np.float64) - clip) ** 2).mean())
+    return {"position_px": float(dist.mean()), "colour": float(colour.mean()),
+            "psnr": float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))}
