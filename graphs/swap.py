@@ -91,6 +91,11 @@ class _Layout:
     nbytes: int
 
 
+def block_bytes(p: Params) -> int:
+    """Bytes of a block's flat host buffer (and of a ring slot for it): leaves at ALIGN offsets."""
+    return _layout(p).nbytes
+
+
 def _layout(p: Params) -> _Layout:
     offsets, off = [], 0
     for v in p.values():

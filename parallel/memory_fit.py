@@ -192,7 +192,7 @@ def stored_bytes(cfg: DiTConfig, s: Setting, share: dict[str, float] | None = No
     part = {k: share.get(k.removesuffix(fp8.SCALE), 1.0) for k in tree}
     swapped = swap.swapped_prefixes(cfg, s.swap)
     device = sum(math.ceil(v.nbytes * part[k]) for k, v in tree.items() if not k.startswith(tuple(swapped)))
-    blocks = [math.ceil(swap._layout({k: v for k, v in tree.items() if k.startswith(pre)}).nbytes *
+    blocks = [math.ceil(swap.block_bytes({k: v for k, v in tree.items() if k.startswith(pre)}) *
                         max(part[k] for k in tree if k.startswith(pre))) for pre in swapped]
     return device + 2 * max(blocks, default=0), sum(blocks)
 
