@@ -1,8 +1,9 @@
 """scripts/demo.py as a user runs it (reduced: 3 clips, 20 VAE steps, 20 training steps, 2 sampling
 steps): exit 0, LEARNED, the printed loss criterion is the one recomputed here from
 metrics.jsonl, and the printed picture criteria are the ones recomputed here from the mp4s.
-Criteria 2 and 3 are reported, not enforced (the demo's default; --enforce-pictures fails on them):
-this checks that they are computed as printed. shape_error itself is checked on exact shifts."""
+The exit code is the criteria's verdict (0 only when all three are met; the reduced steps usually
+miss criterion 3, so this run checks the failing exit; make demo's defaults meet all three).
+shape_error itself is checked on exact shifts."""
 
 from __future__ import annotations
 
@@ -39,14 +40,13 @@ def test_shape_error_measures_the_shift():
 
 @pytest.mark.slow
 def test_demo_learns(tmp):
-    # 20 steps on 3 clips: loss ratio 0.66 (seed 0) with lr 2e-3
     steps = 20
     cmd = [sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(tmp / "demo"), "--steps", str(steps),
            "--vae-steps", "20", "--clips", "3", "--sample-steps", "2", "--lora-steps", "4"]
     proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode in (0, 1), out[-3000:]
     m = re.search(r"first quarter mean ([\d.]+), last quarter mean ([\d.]+) \(ratio ([\d.]+); "
                   r"criterion <= 0\.90\): (LEARNED|NOT LEARNED)", out)
     assert m is not None, out[-3000:]
@@ -61,7 +61,9 @@ def test_demo_learns(tmp):
     assert (demo / "train" / "checkpoints" / "latest").read_text().strip() == f"step-{steps:08d}"
     assert re.search(r"VAE reconstruction PSNR of the clips: [\d.]+ dB at init -> [\d.]+ dB after 20 steps", out)
     _check_extraction_used_the_demo_vae(demo)
-    _check_pictures(demo, out)
+    met = _check_pictures(demo, out)
+    assert proc.returncode == (0 if all(met) else 1), out[-3000:]
+    assert ("all criteria met" in out) == all(met)
 
 
 def _check_extraction_used_the_demo_vae(demo: Path) -> None:
@@ -85,13 +87,14 @@ def _check_extraction_used_the_demo_vae(demo: Path) -> None:
     assert float((got - want).norm() / want.norm()) < 0.05
 
 
-def _check_pictures(demo: Path, out: str) -> None:
-    """Criteria 2 and 3 as printed equal shape_error of the written videos against their clips."""
+def _check_pictures(demo: Path, out: str) -> list[bool]:
+    """Criteria 2 and 3 as printed equal shape_error of the written videos against their clips; whether each is met."""
     rec = json.loads((demo / "features" / "index.jsonl").read_text().splitlines()[0])
     lora = json.loads((demo / "lora_features" / "index.jsonl").read_text().splitlines()[0])
     frames = lambda p, r: decode(p, list(range(r["frames"]))).numpy()
     video = lambda folder, r: frames(next((demo / folder).glob("*.mp4")), r)
     pairs = {2: ("samples", "samples-untrained", rec), 3: ("samples-lora", "samples-lora-caption", lora)}
+    met = []
     for n, (a, b, r) in pairs.items():
         m = re.search(rf"criterion {n}: (MET|NOT MET) \(([\d.]+) px < ([\d.]+) px needed\)", out)
         assert m is not None, out[-3000:]
@@ -99,5 +102,7 @@ def _check_pictures(demo: Path, out: str) -> None:
         want = (shape_error(video(a, r), clip)["position_px"], shape_error(video(b, r), clip)["position_px"])
         assert (float(m.group(2)), float(m.group(3))) == tuple(round(v, 1) for v in want)
         assert (m.group(1) == "MET") == (want[0] < want[1])
+        met.append(want[0] < want[1])
     for png in ("loss.png", "frame.png"):
         assert (demo / png).stat().st_size > 0
+    return met

@@ -54,14 +54,16 @@ def _pick(seq, gen: torch.Generator):
     return seq[int(torch.randint(len(seq), (), generator=gen))]
 
 
-def random_clip(gen: torch.Generator, fmt: tuple[int, int, int, int], movers: int | None = None) -> ClipSpec:
-    """`movers` (None: one or two at random) movers with distinct colours on a clip of the given format."""
+def random_clip(gen: torch.Generator, fmt: tuple[int, int, int, int], movers: int | None = None,
+                size: float = 0.125) -> ClipSpec:
+    """`movers` (None: one or two at random) movers with distinct colours on a clip of the given format,
+    each of radius `size` x the frame's shorter side (at least 4 px)."""
     h, w, fps, n = fmt
     drawn = 1 + int(torch.randint(2, (), generator=gen))  # drawn either way: the same stream for every choice
     count = movers or drawn
     colours = [list(COLOURS)[i] for i in torch.randperm(len(COLOURS), generator=gen)[:count]]
     movers = tuple(Mover(shape=_pick(SHAPES, gen), colour=c, direction=_pick(list(DIRECTIONS), gen),
-                         radius=max(4, min(h, w) // 8), lane=0.25 + 0.5 * float(torch.rand((), generator=gen)))
+                         radius=max(4, int(min(h, w) * size)), lane=0.25 + 0.5 * float(torch.rand((), generator=gen)))
                    for c in colours)
     return ClipSpec(height=h, width=w, fps=fps, num_frames=n, movers=movers)
 
@@ -115,13 +117,15 @@ def write_folder(folder: str | Path, specs: list[ClipSpec], names: list[str]) ->
 
 
 def make_dataset(root: str | Path, *, num_clips: int = 10, num_folders: int = 1, seed: int = 0,
-                 formats: tuple[tuple[int, int, int, int], ...] = FORMATS, movers: int | None = None) -> Path:
+                 formats: tuple[tuple[int, int, int, int], ...] = FORMATS, movers: int | None = None,
+                 size: float = 0.125) -> Path:
     """Write `num_folders` dataset folders under root (clips split between them, names unique)
-    and root/data.txt listing them; returns the data.txt path. movers: shapes per clip (None: 1 or 2)."""
+    and root/data.txt listing them; returns the data.txt path. movers: shapes per clip (None: 1 or 2);
+    size: a shape's radius as a fraction of the frame's shorter side."""
     if not 1 <= num_folders <= num_clips:
         raise ValueError(f"need 1 <= num_folders ({num_folders}) <= num_clips ({num_clips})")
     root, gen = Path(root).resolve(), torch.Generator().manual_seed(seed)
-    specs = [random_clip(gen, formats[i % len(formats)], movers) for i in range(num_clips)]
+    specs = [random_clip(gen, formats[i % len(formats)], movers, size) for i in range(num_clips)]
     lines = []
     for k in range(num_folders):
         ids = list(range(k, num_clips, num_folders))
