@@ -9,7 +9,7 @@ loaders read:
     ckpts/hunyuan-video-i2v-720p/lora/{embrace,hair_growth}_kohaya_weights.safetensors   official LoRAs (r 4)
     ckpts/llava-llama-3-8b-v1_1-transformers/                               tiny LLaVA + the real Llama-3 tokenizer
     ckpts/text_encoder_2/                                                   full CLIPModel folder (tiny text half)
-    ref.jpg, prompts.txt, images.txt                                        what a user brings to sampling
+    ref.jpg, prompts.txt, images.txt                                        what a user brings to sampling (and validation)
 
 The LLaVA tokenizer is Meta's Llama-3 BPE (as xtuner's), so the official template constants
 are checked, not measured, as for the real weights; its vision tower keeps ViT-L/14-336's

@@ -4,7 +4,8 @@ One temporary workspace holds what a user has after docs/weights.md's downloads 
 models at the documented paths, tests/docs_world.py); then every command of the pages, in
 docs/README.md's workflow order, runs there on CPU after tests/doc_commands.py's substitution
 table, so outputs of one step feed the next (make_dataset -> extract -> train -> export ->
-sample). Each must exit 0 and create what its --out / --target names. A command that is
+sample). Each must exit 0 and create what its --out / --target names (a train.py run with
+--validation.every: also its validation mp4s, one per prompt and due step). A command that is
 neither runnable nor in the skip table fails the test, and so does a skip entry that no
 longer matches any command. A command that ran already (same text after substitution) is
 not run again.
@@ -54,8 +55,31 @@ def _run(cmd: str, ws: Path) -> tuple[str, str | None]:
     took = f"{time.perf_counter() - t0:5.1f}s"
     if proc.returncode != 0:
         return took, f"exit {proc.returncode}\n{(proc.stdout + proc.stderr)[-3000:]}"
-    missing = [o for o in _outputs(cmd) if not (ws / o).exists()]
+    missing = [o for o in _outputs(cmd) if not (ws / o).exists()] + _missing_videos(cmd, ws)
     return took, f"exit 0 but {missing} were not written" if missing else None
+
+
+def _flag(words: list[str], name: str) -> str | None:
+    """The value of a command's last `name` flag (tyro: the last one wins)."""
+    return next((words[i + 1] for i in range(len(words) - 2, -1, -1) if words[i] == name), None)
+
+
+def _missing_videos(cmd: str, ws: Path) -> list[str]:
+    """A train.py run with --validation.every N and --steps S owes one mp4 per line of its
+    --validation.prompts file in <out>/samples/step-<k, 8 digits>/ for every multiple k of N up to S:
+    the sample folders (with their mp4 counts) that fall short."""
+    words = shlex.split(cmd)
+    every, steps = _flag(words, "--validation.every"), _flag(words, "--steps")
+    if "scripts/train.py" not in words or every is None or steps is None:
+        return []
+    lines = (ws / _flag(words, "--validation.prompts")).read_text().splitlines()
+    prompts = sum(1 for x in lines if x.strip())
+    folders = [ws / _flag(words, "--out") / "samples" / f"step-{k:08d}"
+               for k in range(int(every), int(steps) + 1, int(every))]
+    if not folders:
+        return [f"any validation video (--validation.every {every} > --steps {steps})"]
+    got = {f: len(list(f.glob("*.mp4"))) for f in folders}
+    return [f"{f.relative_to(ws)}/*.mp4 ({n} of {prompts})" for f, n in got.items() if n != prompts]
 
 
 def plan() -> list[tuple[dc.Command, str, str]]:
