@@ -1,5 +1,5 @@
 """scripts/demo.py as a user runs it (reduced: 3 clips, 20 VAE steps, 20 training steps, 2 sampling
-steps): exit 0, LEARNED, the printed loss criterion is the one recomputed here from
+steps): LEARNED, the printed loss criterion is the one recomputed here from
 metrics.jsonl, and the printed picture criteria are the ones recomputed here from the mp4s.
 The exit code is the criteria's verdict (0 only when all three are met; the reduced steps miss
 criteria 2 and 3, seed 0: no shape in either sample, so this run checks the failing exit; make demo's
